@@ -1,0 +1,1 @@
+"""Score networks. Importing a network module registers it under its config name."""

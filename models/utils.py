@@ -1,0 +1,142 @@
+"""Model registry, construction, and the conversion of a network into a score function."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import sde_lib
+
+_MODELS: dict[str, type[nn.Module]] = {}
+
+# Modules whose import registers a network; imported on demand so `create_model` knows them all.
+_NETWORK_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2")
+
+
+def register_model(cls=None, *, name: str | None = None):
+    """Class decorator registering a network under `name` (default: the class name)."""
+
+    def _register(cls):
+        local_name = cls.__name__ if name is None else name
+        if local_name in _MODELS and _MODELS[local_name] is not cls:
+            raise ValueError(f"A model named '{local_name}' is already registered.")
+        _MODELS[local_name] = cls
+        return cls
+
+    return _register if cls is None else _register(cls)
+
+
+def _import_networks() -> None:
+    import importlib
+
+    for module in _NETWORK_MODULES:
+        importlib.import_module(module)
+
+
+def get_model(name: str) -> type[nn.Module]:
+    """The network class registered as `name` (the config's `model.name`)."""
+    if name not in _MODELS:
+        _import_networks()
+    if name not in _MODELS:
+        known = ", ".join(sorted(_MODELS))
+        raise ValueError(f"Unknown model name '{name}': config.model.name must be one of {known}.")
+    return _MODELS[name]
+
+
+def get_sigmas(config) -> torch.Tensor:
+    """The geometric noise levels sigma_max ... sigma_min of SMLD/NCSN (float64, num_scales)."""
+    sigmas = np.exp(np.linspace(np.log(config.model.sigma_max), np.log(config.model.sigma_min),
+                                config.model.num_scales))
+    return torch.from_numpy(sigmas)
+
+
+def get_ddpm_params(config) -> dict:
+    """Discrete DDPM noise schedule of the original DDPM paper (beta from 1e-4 to 0.02 scaled)."""
+    num_diffusion_timesteps = 1000
+    beta_start = config.model.beta_min / config.model.num_scales
+    beta_end = config.model.beta_max / config.model.num_scales
+    betas = torch.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=torch.float64)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    return {
+        "betas": betas,
+        "alphas": alphas,
+        "alphas_cumprod": alphas_cumprod,
+        "sqrt_alphas_cumprod": torch.sqrt(alphas_cumprod),
+        "sqrt_1m_alphas_cumprod": torch.sqrt(1.0 - alphas_cumprod),
+        "beta_min": beta_start * (num_diffusion_timesteps - 1),
+        "beta_max": beta_end * (num_diffusion_timesteps - 1),
+        "num_diffusion_timesteps": num_diffusion_timesteps,
+    }
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is present, else CPU (chosen at run time, never at import)."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def create_model(config) -> nn.Module:
+    """Build the network `config.model.name` on `config.device` (no DataParallel wrapper)."""
+    model_cls = get_model(config.model.name)
+    model = model_cls(config)
+    device = getattr(config, "device", None) or default_device()
+    return model.to(device)
+
+
+def get_model_fn(model: nn.Module, train: bool = False) -> Callable:
+    """A function (x, labels) -> network output, with the model in train or eval mode."""
+
+    def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if train:
+            model.train()
+        else:
+            model.eval()
+        return model(x, labels)
+
+    return model_fn
+
+
+def get_score_fn(sde: sde_lib.SDE, model: nn.Module, train: bool = False,
+                 continuous: bool = False) -> Callable:
+    """The score function s(x, t) of `model` under `sde`.
+
+    VP and sub-VP networks predict -sigma(t) * score (noise prediction), so their output is divided
+    by -sigma(t); VE networks output the score itself. Labels come from `sde.time_to_label`.
+    """
+    model_fn = get_model_fn(model, train=train)
+
+    if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
+
+        def score_fn(x, t):
+            if continuous or isinstance(sde, sde_lib.subVPSDE):
+                labels = sde.time_to_label(t, continuous=True)
+                output = model_fn(x, labels)
+                std = sde.sigma(t)
+            else:
+                labels = sde.time_to_label(t, continuous=False)
+                output = model_fn(x, labels)
+                std = sde.sqrt_1m_alphas_cumprod.to(labels.device)[labels.long()]
+            return -output / std.reshape(-1, *([1] * (x.dim() - 1)))
+
+    elif isinstance(sde, sde_lib.VESDE):
+
+        def score_fn(x, t):
+            labels = sde.time_to_label(t, continuous=continuous)
+            return model_fn(x, labels)
+
+    else:
+        raise NotImplementedError(f"SDE class {sde.__class__.__name__} is not supported.")
+
+    return score_fn
+
+
+def to_flattened_numpy(x: torch.Tensor):
+    """Flatten a tensor into a float64-compatible NumPy vector (for SciPy solvers)."""
+    return x.detach().cpu().numpy().reshape((-1,))
+
+
+def from_flattened_numpy(x, shape) -> torch.Tensor:
+    """Inverse of `to_flattened_numpy`."""
+    return torch.from_numpy(x.reshape(shape))

@@ -1,0 +1,23 @@
+"""Shared fixtures: the repository root on sys.path, the reference data beside the clone."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REFERENCE = Path(os.environ.get("SUBSPACE_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def reference_dir() -> Path:
+    """The reference data of `../shared/reference`; skips the test when it is absent."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE} (set SUBSPACE_REFERENCE)")
+    return REFERENCE
