@@ -7,7 +7,10 @@ P = U D is the orthogonal projector onto images constant on 2^k x 2^k blocks (bl
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,3 +83,88 @@ def scaler_offset_factor(k: int, centered: bool) -> float:
     """
     _, b = scaler_coefficients(centered)
     return -b * (2**k - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset statistics: RMSD of the data to each downsampling subspace.
+
+DEFAULT_RMSD_PATH = Path(__file__).resolve().parent / "assets" / "subspace_rmsd.json"
+
+# Names by which users refer to a dataset (the original `--dataset` flag, config names).
+_DATASET_ALIASES = {
+    "cifar": "cifar10", "cifar10": "cifar10",
+    "celebahq": "celebahq", "celeba_hq": "celebahq", "celebahq_256": "celebahq",
+    "church": "church", "lsun_church": "church", "church_outdoor": "church",
+    "builtin": "builtin",
+}
+
+RMSD_COMMAND = "python -m analysis.rmsd --config <config> --subspace downsample"
+
+
+def canonical_dataset_name(name: str) -> str:
+    """Canonical statistics key of a dataset name (`cifar` -> `cifar10`, ...); unknown names are
+    lower-cased and kept, so user datasets work once their statistics are computed."""
+    return _DATASET_ALIASES.get(name.lower(), name.lower())
+
+
+def dataset_stats_name(config) -> str:
+    """Statistics key of the dataset a config trains on (LSUN uses its category)."""
+    name = config.data.dataset.lower()
+    if name == "lsun":
+        return canonical_dataset_name(config.data.category)
+    if name in ("numpy", "folder") and getattr(config.data, "root", None):
+        return canonical_dataset_name(Path(config.data.root).stem)
+    return canonical_dataset_name(name)
+
+
+def load_rmsd_table(path: str | os.PathLike | None = None) -> dict:
+    """The statistics file as {dataset: {full_size: {subspace_size: rmsd}}} with int sizes."""
+    path = Path(path) if path is not None else DEFAULT_RMSD_PATH
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Subspace statistics file {path} does not exist: compute it with `{RMSD_COMMAND}`.")
+    raw = json.loads(path.read_text())
+    return {dataset: {int(full): {int(sub): float(r) for sub, r in subs.items()}
+                      for full, subs in sizes.items()}
+            for dataset, sizes in raw.items() if not dataset.startswith("_")}
+
+
+def dataset_rmsd(dataset: str, full_size: int, subspace_size: int,
+                 path: str | os.PathLike | None = None) -> float:
+    """Per-dimension RMSD r_k of `dataset` (pixels in [0,1]) from `full_size` to `subspace_size`."""
+    table = load_rmsd_table(path)
+    key = canonical_dataset_name(dataset)
+    try:
+        return table[key][int(full_size)][int(subspace_size)]
+    except KeyError:
+        raise KeyError(
+            f"No RMSD statistic for dataset '{key}' from {full_size}x{full_size} to "
+            f"{subspace_size}x{subspace_size} in {path or DEFAULT_RMSD_PATH}: compute it with "
+            f"`{RMSD_COMMAND}`.") from None
+
+
+def write_rmsd(dataset: str, full_size: int, rmsd: dict[int, float],
+               path: str | os.PathLike | None = None) -> Path:
+    """Add or replace the RMSD values of `dataset` at `full_size` in the statistics file."""
+    from utils import atomic_write_text
+
+    path = Path(path) if path is not None else DEFAULT_RMSD_PATH
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    entry = raw.setdefault(canonical_dataset_name(dataset), {}).setdefault(str(int(full_size)), {})
+    for size, value in sorted(rmsd.items(), reverse=True):
+        entry[str(int(size))] = float(value)
+    atomic_write_text(path, json.dumps(raw, indent=2) + "\n")
+    return path
+
+
+def between_level_rmsd(d: int, n_i: int, r_i: float, n_j: int, r_j: float) -> float:
+    """RMSD between nested subspaces n_j < n_i of a d-dim space, by Pythagoras:
+    (n_i - n_j) r_ij^2 = (d - n_j) r_j^2 - (d - n_i) r_i^2."""
+    if not n_j < n_i <= d:
+        raise ValueError(f"Nested subspaces need n_j < n_i <= d; got n_j={n_j}, n_i={n_i}, d={d}.")
+    value = ((d - n_j) * r_j**2 - (d - n_i) * r_i**2) / (n_i - n_j)
+    if value < 0:
+        raise ValueError(
+            f"Statistics are inconsistent: the larger subspace (n={n_i}) is farther from the data "
+            f"than the smaller one (n={n_j}); recompute them with `{RMSD_COMMAND}`.")
+    return math.sqrt(value)
