@@ -1,0 +1,1 @@
+"""Experiments with the sub-VP SDE."""

@@ -1,0 +1,38 @@
+"""DDPM++ (deep, 8 blocks per resolution) on CIFAR-10, sub-VP SDE in continuous time."""
+import ml_collections
+
+from configs.default_cifar10_configs import get_default_configs
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """CIFAR-10 defaults, centred data, continuous sub-VP SDE, 8-block DDPM++, 950k iterations."""
+    config = get_default_configs()
+    config.training.update(sde="subvpsde", continuous=True, reduce_mean=True, n_iters=950001)
+    config.sampling.update(method="pc", predictor="euler_maruyama", corrector="none")
+    config.data.update(centered=True)
+    config.model.update(
+        name="ncsnpp",
+        scale_by_sigma=False,
+        ema_rate=0.9999,
+        normalization="GroupNorm",
+        nonlinearity="swish",
+        nf=128,
+        ch_mult=(1, 2, 2, 2),
+        num_res_blocks=8,
+        attn_resolutions=(16,),
+        resamp_with_conv=True,
+        conditional=True,
+        fir=False,
+        fir_kernel=[1, 3, 3, 1],
+        skip_rescale=True,
+        resblock_type="biggan",
+        progressive="none",
+        progressive_input="none",
+        progressive_combine="sum",
+        attention_type="ddpm",
+        init_scale=0.,
+        embedding_type="positional",
+        fourier_scale=16,
+        conv_size=3,
+    )
+    return config

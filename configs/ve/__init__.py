@@ -1,0 +1,1 @@
+"""Experiments with the variance-exploding SDE (and discrete SMLD/NCSN)."""

@@ -1,0 +1,1 @@
+"""NCSNv2 experiments (Song & Ermon, 2020)."""

@@ -1,0 +1,1 @@
+"""Experiments with the variance-preserving SDE (and discrete DDPM)."""
