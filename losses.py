@@ -1,0 +1,181 @@
+"""Training objectives and optimisation: denoising score matching for every SDE, the discrete
+SMLD and DDPM losses, the Adam optimiser with warm-up and clipping, and the one-step function."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.optim as optim
+
+import sde_lib
+from models import utils as mutils
+from sde_lib import VESDE, VPSDE, subVPSDE
+from sde_lib import _batch_broadcast as batch_broadcast
+
+
+def get_optimizer(config, params: Iterable[torch.Tensor]) -> optim.Optimizer:
+    """Adam with lr, beta1 (beta2 = 0.999), eps and weight_decay from `config.optim`."""
+    if config.optim.optimizer != "Adam":
+        raise ValueError(f"Optimizer '{config.optim.optimizer}' is not supported: set "
+                         "config.optim.optimizer to 'Adam'.")
+    return optim.Adam(params, lr=config.optim.lr, betas=(config.optim.beta1, 0.999),
+                      eps=config.optim.eps, weight_decay=config.optim.weight_decay)
+
+
+def optimization_manager(config) -> Callable:
+    """An `optimize_fn(optimizer, params, step, lr, warmup, grad_clip)` that sets the learning rate
+    to lr * min(step / warmup, 1) when warmup > 0, clips the gradient norm to grad_clip when
+    grad_clip >= 0, and takes one optimizer step. Defaults come from `config.optim`."""
+
+    def optimize_fn(optimizer: optim.Optimizer, params: Iterable[torch.Tensor], step: int,
+                    lr: float = config.optim.lr, warmup: int = config.optim.warmup,
+                    grad_clip: float = config.optim.grad_clip) -> None:
+        if warmup > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(step / warmup, 1.0)
+        if grad_clip >= 0:
+            torch.nn.utils.clip_grad_norm_(list(params), max_norm=grad_clip)
+        optimizer.step()
+
+    return optimize_fn
+
+
+def _reduce_op(reduce_mean: bool) -> Callable:
+    """Per-example reduction over data dimensions: mean, or half the sum."""
+    if reduce_mean:
+        return lambda x: torch.mean(x, dim=-1)
+    return lambda x: 0.5 * torch.sum(x, dim=-1)
+
+
+def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
+                    continuous: bool = True, likelihood_weighting: bool = True,
+                    eps: float = 1e-5) -> Callable:
+    """Denoising score matching loss `loss_fn(model, batch, generator=None)` (Song et al. 2021,
+    eq. 7) with t ~ U(eps, T) and x_t = alpha(t) x_0 + sigma(t) z.
+
+    Without likelihood weighting the weight is lambda(t) = sigma(t)^2, i.e. ||sigma s + z||^2;
+    with it, lambda(t) = g(t)^2, i.e. g(t)^2 ||s + z / sigma||^2 (Song et al. 2021b).
+    """
+    reduce_op = _reduce_op(reduce_mean)
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
+        t = torch.rand(batch.shape[0], generator=generator, device=batch.device)
+        t = t * (sde.T - eps) + eps
+        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        mean, std = sde.marginal_prob(batch, t)
+        std = batch_broadcast(std, batch)
+        score = score_fn(mean + std * z, t)
+        if likelihood_weighting:
+            g2 = sde.sde(torch.zeros_like(batch), t)[1] ** 2
+            losses = torch.square(score + z / std)
+            losses = reduce_op(losses.reshape(losses.shape[0], -1)) * g2
+        else:
+            losses = torch.square(score * std + z)
+            losses = reduce_op(losses.reshape(losses.shape[0], -1))
+        return torch.mean(losses)
+
+    return loss_fn
+
+
+def get_smld_loss_fn(vesde: VESDE, train: bool, reduce_mean: bool = False) -> Callable:
+    """Discrete SMLD (NCSN) loss over the N noise levels, weighted by sigma^2 (legacy training)."""
+    if not isinstance(vesde, VESDE):
+        raise ValueError(f"SMLD training needs a VE SDE, not {vesde.__class__.__name__}.")
+    # NCSN networks index their noise levels from the largest down.
+    smld_sigma_array = torch.flip(vesde.discrete_sigmas, dims=(0,))
+    reduce_op = _reduce_op(reduce_mean)
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        model_fn = mutils.get_model_fn(model, train=train)
+        labels = torch.randint(0, vesde.N, (batch.shape[0],), generator=generator,
+                               device=batch.device)
+        sigmas = smld_sigma_array.to(batch.device)[labels]
+        noise = torch.randn(batch.shape, generator=generator, device=batch.device,
+                            dtype=batch.dtype) * batch_broadcast(sigmas, batch)
+        score = model_fn(batch + noise, labels)
+        target = -noise / batch_broadcast(sigmas**2, batch)
+        losses = torch.square(score - target)
+        losses = reduce_op(losses.reshape(losses.shape[0], -1)) * sigmas**2
+        return torch.mean(losses)
+
+    return loss_fn
+
+
+def get_ddpm_loss_fn(vpsde: VPSDE, train: bool, reduce_mean: bool = True) -> Callable:
+    """Discrete DDPM loss ||eps_theta(x_i, i) - z||^2 over the N steps (legacy training)."""
+    if not isinstance(vpsde, VPSDE) or isinstance(vpsde, subVPSDE):
+        raise ValueError(f"DDPM training needs a VP SDE, not {vpsde.__class__.__name__}.")
+    reduce_op = _reduce_op(reduce_mean)
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        model_fn = mutils.get_model_fn(model, train=train)
+        labels = torch.randint(0, vpsde.N, (batch.shape[0],), generator=generator,
+                               device=batch.device)
+        sqrt_alphas_cumprod = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels]
+        sqrt_1m_alphas_cumprod = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels]
+        noise = torch.randn(batch.shape, generator=generator, device=batch.device,
+                            dtype=batch.dtype)
+        perturbed = (batch_broadcast(sqrt_alphas_cumprod, batch) * batch
+                     + batch_broadcast(sqrt_1m_alphas_cumprod, batch) * noise)
+        losses = torch.square(model_fn(perturbed, labels) - noise)
+        return torch.mean(reduce_op(losses.reshape(losses.shape[0], -1)))
+
+    return loss_fn
+
+
+def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = None,
+                reduce_mean: bool = False, continuous: bool = True,
+                likelihood_weighting: bool = False) -> Callable:
+    """A function `step_fn(state, batch, generator=None) -> loss` for one training/eval step.
+
+    `state` holds `model`, `optimizer`, `ema` (models.ema.ExponentialMovingAverage) and `step`.
+    Training computes the loss, back-propagates, calls `optimize_fn` at the current step,
+    increments `state['step']` and updates the EMA; evaluation computes the loss under no_grad
+    with the EMA weights swapped in, then restores the raw weights.
+    """
+    if continuous:
+        loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
+                                  likelihood_weighting=likelihood_weighting)
+    else:
+        if likelihood_weighting:
+            raise ValueError("Likelihood weighting needs continuous training: set "
+                             "config.training.likelihood_weighting=False or continuous=True.")
+        if isinstance(sde, VESDE):
+            loss_fn = get_smld_loss_fn(sde, train, reduce_mean=reduce_mean)
+        elif isinstance(sde, VPSDE) and not isinstance(sde, subVPSDE):
+            loss_fn = get_ddpm_loss_fn(sde, train, reduce_mean=reduce_mean)
+        else:
+            raise ValueError(f"Discrete training is not available for {sde.__class__.__name__}: "
+                             "set config.training.continuous=True.")
+    if train and optimize_fn is None:
+        raise ValueError("A training step needs an optimize_fn: pass "
+                         "losses.optimization_manager(config).")
+
+    def step_fn(state: dict, batch: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        model = state["model"]
+        if train:
+            optimizer = state["optimizer"]
+            optimizer.zero_grad()
+            loss = loss_fn(model, batch, generator=generator)
+            loss.backward()
+            optimize_fn(optimizer, model.parameters(), step=state["step"])
+            state["step"] += 1
+            state["ema"].update(model.parameters())
+        else:
+            with torch.no_grad():
+                ema = state["ema"]
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+                try:
+                    loss = loss_fn(model, batch, generator=generator)
+                finally:
+                    ema.restore(model.parameters())
+        return loss
+
+    return step_fn

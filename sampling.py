@@ -1,0 +1,645 @@
+"""Samplers of the reverse-time SDE and of the probability-flow ODE.
+
+Predictors take one step of a discretised reverse-time SDE, correctors run score-based MCMC at a
+fixed time, and the predictor-corrector (PC) loop alternates them over a grid of times (Song et
+al. 2021, Algorithm 1). Every sampler here is written against a score function `score_fn(x, t)`,
+so the same code serves a single network, a subspace network, or the implicit full-space score of
+subspace diffusion. The loops run over a time *window* [t_start, t_end]: the full sampler is the
+window [T, eps], and subspace diffusion chains windows with a change of dimension in between.
+
+The probability-flow ODE is integrated with an adaptive Dormand-Prince 5(4) scheme, either by
+SciPy's `solve_ivp` or by `rk45_solve`, a torch implementation with the same step-size control
+that keeps the state on the data's device.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import sde_lib
+from models import utils as mutils
+from sde_lib import _batch_broadcast as batch_broadcast
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_PREDICTORS: dict[str, type] = {}
+_CORRECTORS: dict[str, type] = {}
+
+
+def _registrar(registry: dict, kind: str):
+    def register(cls=None, *, name: str | None = None):
+        def _register(cls):
+            local_name = cls.__name__ if name is None else name
+            if local_name in registry and registry[local_name] is not cls:
+                raise ValueError(f"A {kind} named '{local_name}' is already registered.")
+            registry[local_name] = cls
+            return cls
+
+        return _register if cls is None else _register(cls)
+
+    return register
+
+
+register_predictor = _registrar(_PREDICTORS, "predictor")
+register_predictor.__doc__ = "Class decorator registering a predictor under `name`."
+register_corrector = _registrar(_CORRECTORS, "corrector")
+register_corrector.__doc__ = "Class decorator registering a corrector under `name`."
+
+
+def get_predictor(name: str) -> type[Predictor]:
+    """The predictor class registered as `name` (the config's `sampling.predictor`)."""
+    if name not in _PREDICTORS:
+        known = ", ".join(sorted(_PREDICTORS))
+        raise ValueError(f"Unknown predictor '{name}': choose one of {known}.")
+    return _PREDICTORS[name]
+
+
+def get_corrector(name: str) -> type[Corrector]:
+    """The corrector class registered as `name` (the config's `sampling.corrector`)."""
+    if name not in _CORRECTORS:
+        known = ", ".join(sorted(_CORRECTORS))
+        raise ValueError(f"Unknown corrector '{name}': choose one of {known}.")
+    return _CORRECTORS[name]
+
+
+def _discrete_index(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
+    """Index i = floor(t (N - 1) / T) of the discrete noise level the SMLD/DDPM schedules use."""
+    return (t * (sde.N - 1) / sde.T).long()
+
+
+# ------------------------------------------------------------------------------------------------
+# Predictors
+
+
+class Predictor(abc.ABC):
+    """One step of a reverse-time SDE (or ODE) solver from time t to t - 1/N."""
+
+    def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, probability_flow: bool = False):
+        super().__init__()
+        self.sde = sde
+        self.rsde = sde.reverse(score_fn, probability_flow)
+        self.score_fn = score_fn
+        self.probability_flow = probability_flow
+
+    @abc.abstractmethod
+    def update_fn(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next state and its noise-free mean, from state x at per-example times t."""
+
+
+class Corrector(abc.ABC):
+    """Score-based MCMC at a fixed time t (n_steps steps at signal-to-noise ratio snr)."""
+
+    def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, snr: float, n_steps: int):
+        super().__init__()
+        self.sde = sde
+        self.score_fn = score_fn
+        self.snr = snr
+        self.n_steps = n_steps
+
+    @abc.abstractmethod
+    def update_fn(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The corrected state and its noise-free mean, from state x at per-example times t."""
+
+
+@register_predictor(name="euler_maruyama")
+class EulerMaruyamaPredictor(Predictor):
+    """Euler-Maruyama step of the reverse SDE: x <- x - [f - g^2 s] dt + g sqrt(dt) z."""
+
+    def update_fn(self, x, t):
+        dt = -1.0 / self.rsde.N
+        z = torch.randn_like(x)
+        drift, diffusion = self.rsde.sde(x, t)
+        x_mean = x + drift * dt
+        x = x_mean + batch_broadcast(diffusion, x) * math.sqrt(-dt) * z
+        return x, x_mean
+
+
+@register_predictor(name="reverse_diffusion")
+class ReverseDiffusionPredictor(Predictor):
+    """Reverse diffusion: the forward discretisation x_{i+1} = x_i + f_i + G_i z run backwards,
+    x_i = x_{i+1} - f_{i+1} + G_{i+1}^2 s + G_{i+1} z (Song et al. 2021, eq. 46)."""
+
+    def update_fn(self, x, t):
+        f, G = self.rsde.discretize(x, t)
+        z = torch.randn_like(x)
+        x_mean = x - f
+        x = x_mean + batch_broadcast(G, x) * z
+        return x, x_mean
+
+
+@register_predictor(name="ancestral_sampling")
+class AncestralSamplingPredictor(Predictor):
+    """Ancestral sampling of the discrete SMLD (VE) or DDPM (VP) Markov chains (eqs. 47, 48).
+
+    Only VE and VP SDEs have such a chain; sub-VP has none.
+    """
+
+    def __init__(self, sde, score_fn, probability_flow=False):
+        super().__init__(sde, score_fn, probability_flow)
+        if isinstance(sde, sde_lib.subVPSDE) or not isinstance(sde, (sde_lib.VPSDE, sde_lib.VESDE)):
+            raise NotImplementedError(
+                f"Ancestral sampling is defined for VE and VP SDEs only, not "
+                f"{sde.__class__.__name__}: use the reverse_diffusion predictor.")
+        if probability_flow:
+            raise ValueError("Ancestral sampling has no probability-flow version: set "
+                             "probability_flow=False or use the reverse_diffusion predictor.")
+
+    def vesde_update_fn(self, x: torch.Tensor, t: torch.Tensor):
+        """SMLD step: x_mean = x + (sigma_i^2 - sigma_{i-1}^2) s, noise std
+        sqrt(sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2)."""
+        sde = self.sde
+        timestep = _discrete_index(sde, t)
+        sigmas = sde.discrete_sigmas.to(t.device)
+        sigma = sigmas[timestep]
+        adjacent_sigma = torch.where(timestep == 0, torch.zeros_like(sigma),
+                                     sigmas[(timestep - 1).clamp(min=0)])
+        score = self.score_fn(x, t)
+        x_mean = x + score * batch_broadcast(sigma**2 - adjacent_sigma**2, x)
+        std = torch.sqrt(adjacent_sigma**2 * (sigma**2 - adjacent_sigma**2) / sigma**2)
+        x = x_mean + batch_broadcast(std, x) * torch.randn_like(x)
+        return x, x_mean
+
+    def vpsde_update_fn(self, x: torch.Tensor, t: torch.Tensor):
+        """DDPM step: x_mean = (x + beta_i s) / sqrt(1 - beta_i), noise std sqrt(beta_i)."""
+        sde = self.sde
+        timestep = _discrete_index(sde, t)
+        beta = sde.discrete_betas.to(t.device)[timestep]
+        score = self.score_fn(x, t)
+        x_mean = (x + batch_broadcast(beta, x) * score) / batch_broadcast(torch.sqrt(1.0 - beta), x)
+        x = x_mean + batch_broadcast(torch.sqrt(beta), x) * torch.randn_like(x)
+        return x, x_mean
+
+    def update_fn(self, x, t):
+        if isinstance(self.sde, sde_lib.VESDE):
+            return self.vesde_update_fn(x, t)
+        return self.vpsde_update_fn(x, t)
+
+
+@register_predictor(name="none")
+class NonePredictor(Predictor):
+    """A predictor that leaves the state unchanged (corrector-only sampling)."""
+
+    def __init__(self, sde, score_fn, probability_flow=False):
+        self.sde = sde
+        self.score_fn = score_fn
+        self.probability_flow = probability_flow
+
+    def update_fn(self, x, t):
+        return x, x
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctors
+
+
+def _langevin_alpha(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
+    """Step-size factor of the Langevin correctors: alpha_i = 1 - beta_i for VP/sub-VP, else 1."""
+    if isinstance(sde, sde_lib.VPSDE):
+        return sde.alphas.to(t.device)[_discrete_index(sde, t)]
+    return torch.ones_like(t)
+
+
+@register_corrector(name="langevin")
+class LangevinCorrector(Corrector):
+    """Langevin MCMC with the step size set by a target signal-to-noise ratio (Algorithms 4, 5):
+    eps = 2 alpha (snr ||z|| / ||s||)^2, x <- x + eps s + sqrt(2 eps) z."""
+
+    def __init__(self, sde, score_fn, snr, n_steps):
+        super().__init__(sde, score_fn, snr, n_steps)
+        if not isinstance(sde, (sde_lib.VPSDE, sde_lib.VESDE)):
+            raise NotImplementedError(
+                f"The Langevin corrector does not support {sde.__class__.__name__}.")
+
+    def update_fn(self, x, t):
+        alpha = _langevin_alpha(self.sde, t)
+        x_mean = x
+        for _ in range(self.n_steps):
+            grad = self.score_fn(x, t)
+            noise = torch.randn_like(x)
+            grad_norm = torch.linalg.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+            noise_norm = torch.linalg.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+            step_size = (self.snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+            x_mean = x + batch_broadcast(step_size, x) * grad
+            x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
+        return x, x_mean
+
+
+@register_corrector(name="ald")
+class AnnealedLangevinDynamics(Corrector):
+    """Annealed Langevin dynamics of NCSN: step size 2 alpha (snr sigma(t))^2 at noise level t."""
+
+    def __init__(self, sde, score_fn, snr, n_steps):
+        super().__init__(sde, score_fn, snr, n_steps)
+        if not isinstance(sde, (sde_lib.VPSDE, sde_lib.VESDE)):
+            raise NotImplementedError(
+                f"Annealed Langevin dynamics does not support {sde.__class__.__name__}.")
+
+    def update_fn(self, x, t):
+        alpha = _langevin_alpha(self.sde, t)
+        std = self.sde.marginal_prob(x, t)[1]
+        step_size = (self.snr * std) ** 2 * 2 * alpha
+        x_mean = x
+        for _ in range(self.n_steps):
+            grad = self.score_fn(x, t)
+            noise = torch.randn_like(x)
+            x_mean = x + batch_broadcast(step_size, x) * grad
+            x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
+        return x, x_mean
+
+
+@register_corrector(name="none")
+class NoneCorrector(Corrector):
+    """A corrector that leaves the state unchanged (predictor-only sampling)."""
+
+    def __init__(self, sde, score_fn, snr, n_steps):
+        self.sde = sde
+        self.score_fn = score_fn
+        self.snr = snr
+        self.n_steps = n_steps
+
+    def update_fn(self, x, t):
+        return x, x
+
+
+def _resolve(kind, registry_get, none_cls):
+    if kind is None:
+        return none_cls
+    if isinstance(kind, str):
+        return registry_get(kind.lower())
+    return kind
+
+
+def shared_predictor_update_fn(x: torch.Tensor, t: torch.Tensor, sde: sde_lib.SDE, model,
+                               predictor, probability_flow: bool, continuous: bool,
+                               score_fn: ScoreFn | None = None):
+    """One predictor step with the score of `model` (or `score_fn` when given)."""
+    if score_fn is None:
+        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+    predictor_cls = _resolve(predictor, get_predictor, NonePredictor)
+    return predictor_cls(sde, score_fn, probability_flow).update_fn(x, t)
+
+
+def shared_corrector_update_fn(x: torch.Tensor, t: torch.Tensor, sde: sde_lib.SDE, model,
+                               corrector, continuous: bool, snr: float, n_steps: int,
+                               score_fn: ScoreFn | None = None):
+    """One corrector update with the score of `model` (or `score_fn` when given)."""
+    if score_fn is None:
+        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+    corrector_cls = _resolve(corrector, get_corrector, NoneCorrector)
+    return corrector_cls(sde, score_fn, snr, n_steps).update_fn(x, t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Time windows
+
+
+def _grid_position(N: int, b: float, T: float, eps: float) -> int:
+    """Number of grid steps of linspace(T, eps, N) that lie below time b (rounded)."""
+    return int(round(N * (b - eps) / (T - eps)))
+
+
+def window_step_counts(N: int, boundaries: Sequence[float], T: float | None = None,
+                       eps: float | None = None) -> list[int]:
+    """Predictor steps per window for decreasing boundaries T = b_0 > b_1 > ... > b_m = eps.
+
+    steps_i = round(N (b_{i-1} - eps) / (T - eps)) - round(N (b_i - eps) / (T - eps)), so the
+    counts always add up to N (the reference code truncated each window with int() and lost
+    steps). T and eps default to the first and last boundary.
+    """
+    b = [float(v) for v in boundaries]
+    if len(b) < 2:
+        raise ValueError(f"Give at least two time boundaries (T and eps); got {b}.")
+    T = b[0] if T is None else float(T)
+    eps = b[-1] if eps is None else float(eps)
+    if not math.isclose(b[0], T) or not math.isclose(b[-1], eps):
+        raise ValueError(f"The boundaries {b} must start at T={T} and end at eps={eps}.")
+    if any(hi <= lo for hi, lo in zip(b[:-1], b[1:])):
+        raise ValueError(f"Time boundaries must be strictly decreasing; got {b}.")
+    if N < 1:
+        raise ValueError(f"The number of steps N must be positive; got {N}.")
+    positions = [N] + [_grid_position(N, v, T, eps) for v in b[1:-1]] + [0]
+    return [hi - lo for hi, lo in zip(positions[:-1], positions[1:])]
+
+
+def window_timesteps(N: int, t_start: float, t_end: float, num_steps: int, T: float = 1.0,
+                     eps: float | None = None, device=None) -> torch.Tensor:
+    """The times at which a PC window [t_start, t_end] evaluates its `num_steps` steps.
+
+    With `eps`, these are the points of the full sampler's grid linspace(T, eps, N) that fall in
+    the window under the rounding of `window_step_counts`, so windows chained over
+    T = b_0 > ... > b_m = eps visit exactly the full grid. Without `eps`, the window is its own
+    grid linspace(t_start, t_end, num_steps), both ends included (as the reference code did).
+    """
+    if num_steps < 0:
+        raise ValueError(f"A window needs a non-negative number of steps; got {num_steps}.")
+    if t_end > t_start:
+        raise ValueError(f"Sampling runs backwards in time: t_start={t_start} must be >= "
+                         f"t_end={t_end}.")
+    if eps is None:
+        return torch.linspace(t_start, t_end, num_steps, device=device)
+    first = N - _grid_position(N, t_start, T, eps)
+    last = N - _grid_position(N, t_end, T, eps)
+    if last - first != num_steps:
+        raise ValueError(
+            f"The window [{t_start}, {t_end}] holds {last - first} of the {N} grid steps, not "
+            f"{num_steps}: take the step counts from window_step_counts.")
+    return torch.linspace(T, eps, N, device=device)[first:last]
+
+
+class _CountingScore:
+    """A score function that counts its evaluations (one per batch)."""
+
+    def __init__(self, score_fn: ScoreFn):
+        self.score_fn = score_fn
+        self.count = 0
+
+    def __call__(self, x, t):
+        self.count += 1
+        return self.score_fn(x, t)
+
+
+def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
+                     t_end: float, num_steps: int, predictor, corrector, snr: float,
+                     n_steps_each: int = 1, probability_flow: bool = False, denoise: bool = False,
+                     progress: bool = True, desc: str | None = None, *, eps: float | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Run the predictor-corrector loop on state x from t_start down to t_end.
+
+    At each of `num_steps` times (see `window_timesteps`; pass the sampler's `eps` to use the
+    full sampler's grid) one corrector update of `n_steps_each` steps is followed by one predictor
+    step. `predictor` / `corrector` are classes, registered names, or None. Returns the final
+    state (its noise-free mean when `denoise`), the noise-free mean, and the number of score
+    evaluations.
+    """
+    predictor_cls = _resolve(predictor, get_predictor, NonePredictor)
+    corrector_cls = _resolve(corrector, get_corrector, NoneCorrector)
+    counted = _CountingScore(score_fn)
+    predictor_obj = predictor_cls(sde, counted, probability_flow)
+    corrector_obj = corrector_cls(sde, counted, snr, n_steps_each)
+    timesteps = window_timesteps(sde.N, t_start, t_end, num_steps, sde.T, eps, device=x.device)
+    x_mean = x
+    with torch.no_grad():
+        for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
+            vec_t = torch.ones(x.shape[0], device=x.device) * t
+            x, x_mean = corrector_obj.update_fn(x, vec_t)
+            x, x_mean = predictor_obj.update_fn(x, vec_t)
+    return (x_mean if denoise else x), x_mean, counted.count
+
+
+def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector, inverse_scaler,
+                   snr: float, n_steps: int = 1, probability_flow: bool = False,
+                   continuous: bool = False, denoise: bool = True, eps: float = 1e-3,
+                   device=None, progress: bool = True) -> Callable:
+    """A predictor-corrector sampler `pc_sampler(model, x=None) -> (samples, nfe)`.
+
+    Starts from a prior sample (or `x`), runs `pc_sample_window` over [T, eps] with sde.N steps on
+    the grid linspace(T, eps, N), applies `inverse_scaler`, and reports the number of score
+    evaluations actually made.
+    """
+
+    def pc_sampler(model, x: torch.Tensor | None = None):
+        target = device if device is not None else mutils.default_device()
+        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+        with torch.no_grad():
+            if x is None:
+                x = sde.prior_sampling(shape).to(target)
+            x, _, nfe = pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N, predictor,
+                                         corrector, snr, n_steps_each=n_steps,
+                                         probability_flow=probability_flow, denoise=denoise,
+                                         progress=progress, desc="PC sampling", eps=eps)
+            return inverse_scaler(x), nfe
+
+    return pc_sampler
+
+
+# ------------------------------------------------------------------------------------------------
+# ODE solvers
+
+# Dormand-Prince 5(4) tableau (Dormand & Prince 1980), fifth-order solution, fourth-order error.
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+)
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+_DP_E = (-71 / 57600, 0.0, 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+_SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
+_ERROR_EXPONENT = -1 / 5
+
+
+def _rms(x: torch.Tensor) -> float:
+    return torch.sqrt(torch.mean(x * x)).item()
+
+
+def _combine(coefficients: Sequence[float], stages: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros_like(stages[0])
+    for c, k in zip(coefficients, stages):
+        if c != 0.0:
+            total = total + c * k
+    return total
+
+
+def rk45_solve(fun: Callable[[float, torch.Tensor], torch.Tensor], t0: float, t1: float,
+               y0: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5
+               ) -> tuple[torch.Tensor, int]:
+    """Integrate dy/dt = fun(t, y) from t0 to t1 with adaptive Dormand-Prince RK45 in torch.
+
+    The initial step, RMS error norm, safety factor and step-size bounds follow SciPy's RK45, so
+    results agree with `scipy.integrate.solve_ivp(method="RK45")` to solver tolerance. Returns
+    y(t1) and the number of evaluations of `fun`.
+    """
+    if atol < 0 or rtol < 0:
+        raise ValueError(f"ODE tolerances must be non-negative; got rtol={rtol}, atol={atol}.")
+    rtol = max(rtol, 100 * np.finfo(float).eps)
+    t0, t1 = float(t0), float(t1)
+    if t0 == t1 or y0.numel() == 0:
+        return y0, 0
+    direction = 1.0 if t1 > t0 else -1.0
+    nfev = 0
+
+    def f(t, y):
+        nonlocal nfev
+        nfev += 1
+        return fun(t, y)
+
+    y = y0
+    fy = f(t0, y)
+
+    # Initial step (Hairer, Norsett & Wanner, Sec. II.4), as SciPy selects it.
+    interval = abs(t1 - t0)
+    scale = atol + torch.abs(y) * rtol
+    d0, d1 = _rms(y / scale), _rms(fy / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h0 = min(h0, interval)
+    f1 = f(t0 + h0 * direction, y + h0 * direction * fy)
+    d2 = _rms((f1 - fy) / scale) / h0
+    if d1 <= 1e-15 and d2 <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1 / 5)
+    h_abs = min(100 * h0, h1, interval)
+
+    t = t0
+    while direction * (t - t1) < 0:
+        min_step = 10 * abs(math.nextafter(t, direction * math.inf) - t)
+        h_abs = max(h_abs, min_step)
+        rejected = False
+        while True:
+            if h_abs < min_step:
+                raise RuntimeError(
+                    f"The ODE solver's step size fell below {min_step:.3g} at t={t}: the drift is "
+                    "too stiff or not finite; loosen rtol/atol or check the score model.")
+            t_new = t + h_abs * direction
+            if direction * (t_new - t1) > 0:
+                t_new = t1
+            h = t_new - t
+            h_abs = abs(h)
+            stages = [fy]
+            for c, a in zip(_DP_C[1:], _DP_A[1:]):
+                stages.append(f(t + c * h, y + _combine(a, stages) * h))
+            y_new = y + h * _combine(_DP_B, stages)
+            f_new = f(t + h, y_new)
+            stages.append(f_new)
+            scale = atol + torch.maximum(torch.abs(y), torch.abs(y_new)) * rtol
+            error_norm = _rms(_combine(_DP_E, stages) * h / scale)
+            if error_norm < 1:
+                factor = (_MAX_FACTOR if error_norm == 0
+                          else min(_MAX_FACTOR, _SAFETY * error_norm**_ERROR_EXPONENT))
+                if rejected:
+                    factor = min(1.0, factor)
+                h_abs *= factor
+                break
+            h_abs *= max(_MIN_FACTOR, _SAFETY * error_norm**_ERROR_EXPONENT)
+            rejected = True
+        t, y, fy = t_new, y_new, f_new
+    return y, nfev
+
+
+def solve_ode(fun: Callable[[float, torch.Tensor], torch.Tensor], t0: float, t1: float,
+              y0: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
+              solver: str = "torch") -> tuple[torch.Tensor, int]:
+    """y(t1) of dy/dt = fun(t, y), y(t0) = y0 (a float64 vector), and the number of evaluations.
+
+    solver="torch" runs `rk45_solve` on y0's device (method must be RK45); solver="scipy" runs
+    `scipy.integrate.solve_ivp` with `method`, converting to NumPy at each evaluation.
+    """
+    if solver == "torch":
+        if method.upper() != "RK45":
+            raise ValueError(f"The torch ODE solver implements RK45 only, not '{method}': use "
+                             "method='RK45' or solver='scipy'.")
+        return rk45_solve(fun, t0, t1, y0, rtol=rtol, atol=atol)
+    if solver != "scipy":
+        raise ValueError(f"Unknown ODE solver '{solver}': choose 'torch' or 'scipy'.")
+    from scipy import integrate
+
+    device = y0.device
+
+    def numpy_fun(t, y):
+        return fun(float(t), torch.from_numpy(y).to(device)).detach().cpu().numpy()
+
+    solution = integrate.solve_ivp(numpy_fun, (t0, t1), y0.detach().cpu().numpy(), rtol=rtol,
+                                   atol=atol, method=method)
+    if not solution.success:
+        raise RuntimeError(f"solve_ivp failed between t={t0} and t={t1}: {solution.message}")
+    return torch.from_numpy(solution.y[:, -1]).to(device), int(solution.nfev)
+
+
+def probability_flow_drift(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor,
+                           t: torch.Tensor) -> torch.Tensor:
+    """Drift f(x, t) - g(t)^2 s(x, t) / 2 of the probability-flow ODE (Song et al. 2021, eq. 13)."""
+    return sde.reverse(score_fn, probability_flow=True).sde(x, t)[0]
+
+
+def ode_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
+                      t_end: float, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
+                      *, solver: str = "scipy") -> tuple[torch.Tensor, int]:
+    """Integrate the probability-flow ODE from state x at t_start to t_end.
+
+    Returns the state at t_end (dtype and device of x) and the number of score evaluations.
+    """
+    if t_start == t_end:
+        return x, 0
+    shape, dtype = x.shape, x.dtype
+
+    def fun(t: float, y: torch.Tensor) -> torch.Tensor:
+        state = y.reshape(shape).to(dtype)
+        vec_t = torch.ones(shape[0], device=state.device) * t
+        return probability_flow_drift(sde, score_fn, state, vec_t).reshape(-1).to(torch.float64)
+
+    with torch.no_grad():
+        y, nfe = solve_ode(fun, t_start, t_end, x.reshape(-1).to(torch.float64), rtol=rtol,
+                           atol=atol, method=method, solver=solver)
+    return y.reshape(shape).to(dtype), nfe
+
+
+def denoise_update(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, eps: float
+                   ) -> torch.Tensor:
+    """One noise-free reverse-diffusion step at time eps (the final denoising of the samplers)."""
+    predictor = ReverseDiffusionPredictor(sde, score_fn, probability_flow=False)
+    vec_eps = torch.ones(x.shape[0], device=x.device) * eps
+    with torch.no_grad():
+        return predictor.update_fn(x, vec_eps)[1]
+
+
+def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, denoise: bool = False,
+                    rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
+                    eps: float = 1e-3, device=None, solver: str = "scipy") -> Callable:
+    """A probability-flow ODE sampler `ode_sampler(model, z=None) -> (samples, nfe)`.
+
+    Integrates from T (a prior sample, or the latent `z`) to eps, optionally denoises with one
+    noise-free reverse-diffusion step, and applies `inverse_scaler`. nfe counts every score
+    evaluation, including the denoising one.
+    """
+
+    def ode_sampler(model, z: torch.Tensor | None = None):
+        target = device if device is not None else mutils.default_device()
+        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+        with torch.no_grad():
+            x = sde.prior_sampling(shape).to(target) if z is None else z
+            x, nfe = ode_sample_window(score_fn, sde, x, sde.T, eps, rtol=rtol, atol=atol,
+                                       method=method, solver=solver)
+            if denoise:
+                x = denoise_update(score_fn, sde, x, eps)
+                nfe += 1
+            return inverse_scaler(x), nfe
+
+    return ode_sampler
+
+
+def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
+                    eps: float, progress: bool = True) -> Callable:
+    """The sampler named by `config.sampling.method` ('pc' or 'ode'), as `fn(model)`.
+
+    The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5) and
+    `sampling.ode_method` (default RK45).
+    """
+    name = config.sampling.method.lower()
+    device = getattr(config, "device", None)
+    if name == "ode":
+        return get_ode_sampler(sde=sde, shape=shape, inverse_scaler=inverse_scaler,
+                               denoise=config.sampling.noise_removal,
+                               rtol=config.sampling.get("rtol", 1e-5),
+                               atol=config.sampling.get("atol", 1e-5),
+                               method=config.sampling.get("ode_method", "RK45"),
+                               eps=eps, device=device)
+    if name == "pc":
+        return get_pc_sampler(sde=sde, shape=shape,
+                              predictor=get_predictor(config.sampling.predictor.lower()),
+                              corrector=get_corrector(config.sampling.corrector.lower()),
+                              inverse_scaler=inverse_scaler, snr=config.sampling.snr,
+                              n_steps=config.sampling.n_steps_each,
+                              probability_flow=config.sampling.probability_flow,
+                              continuous=config.training.continuous,
+                              denoise=config.sampling.noise_removal, eps=eps, device=device,
+                              progress=progress)
+    raise ValueError(f"Unknown sampling method '{config.sampling.method}': set "
+                     "config.sampling.method to 'pc' or 'ode'.")
