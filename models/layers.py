@@ -14,8 +14,12 @@ import torch.nn.functional as F
 
 
 def variance_scaling(scale: float, mode: str, distribution: str, in_axis: int = 1,
-                     out_axis: int = 0, dtype=torch.float32, device="cpu"):
-    """Initialiser drawing weights with variance scale / fan (JAX's `variance_scaling`)."""
+                     out_axis: int = 0, dtype=torch.float32, device=None):
+    """Initialiser drawing weights with variance scale / fan (JAX's `variance_scaling`).
+
+    `device=None` draws on the current default device, so networks can be built cheaply under
+    `with torch.device("meta"):`.
+    """
 
     def _fans(shape):
         receptive_field = np.prod(shape) / shape[in_axis] / shape[out_axis]
@@ -114,3 +118,21 @@ def get_act(config) -> nn.Module:
     raise NotImplementedError(
         f"Activation '{config.model.nonlinearity}' is not supported: use elu, relu, lrelu or "
         "swish.")
+
+
+def noise_level_indices(labels: torch.Tensor) -> torch.Tensor:
+    """The labels as integer SMLD noise-level indices (0 is sigma_max), for table look-ups."""
+    if labels.is_floating_point():
+        raise ValueError(
+            "This network looks its noise level up by integer index but got floating-point labels: "
+            "use it with a discrete-time config (config.training.continuous = False).")
+    return labels.long()
+
+
+def divide_by_sigmas(h: torch.Tensor, sigmas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """h / sigma_i per batch element, sigma_i = sigmas[labels] (NCSN's output scaling).
+
+    The quotient is formed in the precision of the float64 `sigmas` table and returned in h's dtype.
+    """
+    used = sigmas[noise_level_indices(labels)].reshape(-1, *([1] * (h.dim() - 1)))
+    return (h / used).to(h.dtype)
