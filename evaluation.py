@@ -1,0 +1,415 @@
+"""Sample-quality metrics: FID, Inception score and KID as TF-GAN defines them, and a proxy FID.
+
+The metrics are NumPy/SciPy re-statements of TF-GAN's definitions (float64 throughout):
+- FID (Heusel et al. 2017): |m1 - m2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) with unbiased covariances;
+  Tr((C1 C2)^(1/2)) = Tr((A C2 A)^(1/2)) with A = C1^(1/2), matrix roots by SVD (TF-GAN's method).
+- Inception score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))) over all logits at once,
+  as TF-GAN's `classifier_score_from_logits` (its `num_batches` only batches the network).
+- KID (Binkowski et al. 2018): the unbiased MMD^2 estimate with the kernel (x.y / d + 1)^3,
+  averaged over TF-GAN's blocks of at most `max_block_size` samples (standard error from them).
+
+Features come from TF-Hub's TF-GAN Inception (`pool_3` and `logits`, inputs in [-1, 1]), loaded
+through `tensorflow_hub` only when installed, from a local copy of the module when given a path.
+`get_inception_model` returns None with one logged sentence when the network cannot be loaded, so
+callers still save their samples. Dataset statistics live in `assets/stats/<name>_stats.npz`
+(key `pool_3`), named as in the original code; `compute_dataset_stats.py` writes them.
+
+The proxy FID is the same Frechet distance in a fixed feature space that needs no download:
+per-channel spatial means and standard deviations of the colour channels and of the three
+leaky-ReLU layers of a small random convolutional network (zero-mean filters drawn from a fixed
+seed). It is a proxy for CPU demos and tests, NOT the paper's FID: its values are not comparable
+to Inception FIDs, only to each other (at equal sample counts, against the same statistics file
+`<name>_proxy_stats.npz`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import datasets
+
+INCEPTION_TFHUB = "https://tfhub.dev/tensorflow/tfgan/eval/inception/1"
+INCEPTION_V3_TFHUB = "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/4"
+INCEPTION_OUTPUT = "logits"
+INCEPTION_FINAL_POOL = "pool_3"
+INCEPTION_DEFAULT_IMAGE_SIZE = 299
+STATS_DIR = Path(__file__).resolve().parent / "assets" / "stats"
+STATS_COMMAND = "python compute_dataset_stats.py --config <config> --features {features}"
+
+# Proxy feature network: fixed architecture and seed (bump the version when either changes).
+PROXY_VERSION = 1
+PROXY_SEED = 20220501
+PROXY_SIZE = 32
+PROXY_CHANNELS = (16, 32, 64)
+PROXY_SLOPE = 0.2  # leaky ReLU: no channel can be constant (dead) on every image
+PROXY_SCALE = 10.0  # so that proxy FIDs of typical defects are O(1) to O(100)
+PROXY_DIM = 2 * (3 + sum(PROXY_CHANNELS))
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics on features (TF-GAN's definitions).
+
+def _as_float64_2d(array, name: str) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array [num_samples, dim]; got shape {array.shape}.")
+    return array
+
+
+def gaussian_statistics(activations) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased (N - 1) covariance of activations [N, d]."""
+    activations = _as_float64_2d(activations, "activations")
+    if len(activations) < 2:
+        raise ValueError(f"Covariance needs at least 2 samples; got {len(activations)}.")
+    return activations.mean(axis=0), np.cov(activations, rowvar=False, ddof=1).reshape(
+        activations.shape[1], activations.shape[1])
+
+
+def symmetric_matrix_sqrt(mat: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    """Square root of a symmetric PSD matrix by SVD; singular values below eps are kept unrooted
+    (TF-GAN's guard against the unstable root near 0)."""
+    u, s, vh = np.linalg.svd(mat)
+    root = np.where(s < eps, s, np.sqrt(s))
+    return (u * root) @ vh
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((sigma1 sigma2)^(1/2)) = Tr((A sigma2 A)^(1/2)) with A = sigma1^(1/2)."""
+    root1 = symmetric_matrix_sqrt(sigma1)
+    return float(np.trace(symmetric_matrix_sqrt(root1 @ sigma2 @ root1)))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance of two Gaussians (Heusel et al. 2017):
+    |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(
+            f"Mismatched statistics: means {mu1.shape}, {mu2.shape} and covariances "
+            f"{sigma1.shape}, {sigma2.shape}; compute both from the same feature space.")
+    trace = np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    return float(np.sum((mu1 - mu2) ** 2) + trace)
+
+
+def frechet_distance_from_activations(activations1, activations2) -> float:
+    """FID between two sets of activations [N, d], as TF-GAN's
+    `frechet_classifier_distance_from_activations`."""
+    return frechet_distance(*gaussian_statistics(activations1), *gaussian_statistics(activations2))
+
+
+def inception_score_from_logits(logits, num_splits: int = 1) -> float:
+    """Inception score exp(E_x KL(p(y|x) || p(y))) from classifier logits [N, classes].
+
+    `num_splits=1` is TF-GAN's `classifier_score_from_logits` (what the paper reports); a larger
+    value returns the mean of the scores of that many equal splits (Salimans et al.'s protocol).
+    """
+    logits = _as_float64_2d(logits, "logits")
+    if not 1 <= num_splits <= len(logits):
+        raise ValueError(f"num_splits must be in [1, {len(logits)}]; got {num_splits}.")
+    scores = []
+    for part in np.array_split(logits, num_splits):
+        log_p = part - part.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        p = np.exp(log_p)
+        log_q = np.log(p.mean(axis=0))
+        scores.append(np.exp(np.mean(np.sum(p * (log_p - log_q), axis=1))))
+    return float(np.mean(scores))
+
+
+def kernel_distance_from_activations(activations1, activations2, max_block_size: int = 1024,
+                                     return_std: bool = False):
+    """KID: unbiased MMD^2 with kernel k(x, y) = (x.y / d + 1)^3, averaged over blocks.
+
+    As TF-GAN's `kernel_classifier_distance_and_std_from_activations`: both sets are cut into
+    ceil(max(n1, n2) / max_block_size) consecutive blocks of near-equal size (the larger blocks
+    last); the standard error is the blocks' std (ddof 1) / sqrt(#blocks), NaN for one block.
+    Returns the estimate, or (estimate, standard error) when `return_std`.
+    """
+    real = _as_float64_2d(activations1, "activations1")
+    fake = _as_float64_2d(activations2, "activations2")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(
+            f"Activations differ in dimension ({real.shape[1]} vs {fake.shape[1]}): use one "
+            "feature space.")
+    num_blocks = int(np.ceil(max(len(real), len(fake)) / max_block_size))
+    if min(len(real), len(fake)) < 2 * num_blocks:
+        raise ValueError(
+            f"KID needs at least 2 samples per block; got {len(real)} and {len(fake)} samples "
+            f"for {num_blocks} blocks: raise max_block_size or add samples.")
+    dim = real.shape[1]
+
+    def bounds(n: int) -> np.ndarray:
+        small, extra = divmod(n, num_blocks)
+        sizes = [small] * (num_blocks - extra) + [small + 1] * extra
+        return np.concatenate([[0], np.cumsum(sizes)])
+
+    def unbiased_mean(k: np.ndarray) -> float:
+        m = k.shape[0]
+        return (k.sum() - np.trace(k)) / (m * (m - 1))
+
+    real_bounds, fake_bounds = bounds(len(real)), bounds(len(fake))
+    estimates = []
+    for i in range(num_blocks):
+        r = real[real_bounds[i]:real_bounds[i + 1]]
+        g = fake[fake_bounds[i]:fake_bounds[i + 1]]
+        k_rr = (r @ r.T / dim + 1) ** 3
+        k_rg = (r @ g.T / dim + 1) ** 3
+        k_gg = (g @ g.T / dim + 1) ** 3
+        estimates.append(unbiased_mean(k_rr) + unbiased_mean(k_gg) - 2 * k_rg.mean())
+    estimates = np.asarray(estimates)
+    value = float(estimates.mean())
+    if not return_std:
+        return value
+    std = float(np.std(estimates, ddof=1) / np.sqrt(num_blocks)) if num_blocks > 1 else np.nan
+    return value, std
+
+
+# --------------------------------------------------------------------------------------------
+# Images.
+
+def to_uint8_nhwc(images) -> np.ndarray:
+    """Images as uint8 [N, H, W, C]: uint8 NHWC passes through; float NCHW in [0, 1] (tensor or
+    array) is rounded to the nearest of 256 levels (the original truncated, turning a data value
+    k/255 computed as 2.9999998/255 into k - 1)."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"Images must be a 4-D batch; got shape {images.shape}.")
+    if images.dtype == np.uint8:
+        if images.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"uint8 images must be NHWC with 1 or 3 channels; got shape {images.shape}.")
+        return images
+    if images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"Float images must be NCHW with 1 or 3 channels; got shape {images.shape}.")
+    return np.clip(np.round(images.transpose(0, 2, 3, 1) * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_float_nchw(images) -> torch.Tensor:
+    """Images as a float32 tensor [N, C, H, W] in [0, 1] (from uint8 NHWC or float NCHW)."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        if images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"uint8 images must be NHWC with 1 or 3 channels; got shape {images.shape}.")
+        return torch.from_numpy(np.require(images, requirements=["W"])).permute(
+            0, 3, 1, 2).float() / 255.0
+    images = torch.as_tensor(images).detach().float().cpu()
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"Float images must be NCHW with 1 or 3 channels; got shape {tuple(images.shape)}.")
+    return images
+
+
+# --------------------------------------------------------------------------------------------
+# The Inception network (optional TensorFlow stack).
+
+def get_inception_model(inceptionv3: bool = False, path: str | os.PathLike | None = None):
+    """TF-Hub's TF-GAN Inception (or InceptionV3 feature vector when `inceptionv3`), loaded from
+    `path` (a local copy of the module) or from TF-Hub's cache/URL; None, with one logged
+    sentence, when TensorFlow Hub is missing or the module cannot be loaded."""
+    handle = str(path) if path is not None else (INCEPTION_V3_TFHUB if inceptionv3
+                                                 else INCEPTION_TFHUB)
+    try:
+        datasets.import_tensorflow()
+        import tensorflow_hub as tfhub
+    except ImportError:
+        logger.warning("Inception metrics skipped: tensorflow_hub is not installed (pip install "
+                       "-r requirements-tf.txt).")
+        return None
+    try:
+        return tfhub.load(handle)
+    except Exception as error:  # any loading failure (offline, corrupt cache) only skips metrics
+        reason = (str(error).splitlines() or [""])[0]
+        logger.warning("Inception metrics skipped: the Inception module %s could not be loaded "
+                       "(%s: %s).", handle, type(error).__name__, reason)
+        return None
+
+
+def run_inception(images, inception_model, inceptionv3: bool = False,
+                  batch_size: int = 250) -> dict[str, np.ndarray | None]:
+    """Inception features of images (uint8 NHWC or float NCHW in [0, 1]):
+    {"pool_3": [N, 2048], "logits": [N, 1008] or None for InceptionV3}, as float32 arrays."""
+    tf = datasets.import_tensorflow()
+    images = to_uint8_nhwc(images)
+    pools, logits = [], []
+    for start in range(0, len(images), batch_size):
+        x = tf.cast(tf.convert_to_tensor(images[start:start + batch_size]), tf.float32)
+        if x.shape[-1] == 1:
+            x = tf.tile(x, (1, 1, 1, 3))
+        if inceptionv3:
+            pools.append(tf.reshape(inception_model(x / 255.0), (x.shape[0], -1)).numpy())
+            continue
+        out = inception_model((x - 127.5) / 127.5)
+        pools.append(tf.reshape(out[INCEPTION_FINAL_POOL], (x.shape[0], -1)).numpy())
+        logits.append(tf.reshape(out[INCEPTION_OUTPUT], (x.shape[0], -1)).numpy())
+    return {INCEPTION_FINAL_POOL: np.concatenate(pools).astype(np.float32),
+            INCEPTION_OUTPUT: np.concatenate(logits).astype(np.float32) if logits else None}
+
+
+# --------------------------------------------------------------------------------------------
+# The proxy feature space (no download).
+
+@functools.lru_cache(maxsize=1)
+def _proxy_weights() -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Conv weights and biases of the proxy network, drawn once from NumPy's PCG64(PROXY_SEED).
+    Each 3x3 filter has zero spatial mean, so the layers respond to structure, not brightness."""
+    rng = np.random.default_rng(PROXY_SEED)
+    layers, fan_in_channels = [], 3
+    for channels in PROXY_CHANNELS:
+        fan_in = fan_in_channels * 9
+        weight = rng.standard_normal((channels, fan_in_channels, 3, 3)) * np.sqrt(2.0 / fan_in)
+        weight -= weight.mean(axis=(2, 3), keepdims=True)
+        bias = rng.standard_normal(channels) * 0.1
+        layers.append((torch.from_numpy(weight).float(), torch.from_numpy(bias).float()))
+        fan_in_channels = channels
+    return tuple(layers)
+
+
+def proxy_features(images) -> np.ndarray:
+    """Proxy features [N, PROXY_DIM] (float64) of images (uint8 NHWC or float NCHW in [0, 1]).
+
+    Images are resized to 32x32 (antialiased bilinear) and mapped to [-1, 1]. The features are
+    the spatial mean and standard deviation of every colour channel and of every channel of three
+    3x3 conv + leaky-ReLU layers (2x average pooling between them) with fixed random zero-mean
+    filters, all multiplied by PROXY_SCALE.
+    """
+    x = to_float_nchw(images)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (PROXY_SIZE, PROXY_SIZE):
+        x = F.interpolate(x, size=(PROXY_SIZE, PROXY_SIZE), mode="bilinear", antialias=True,
+                          align_corners=False)
+    x = 2.0 * x - 1.0
+    features = [x.flatten(2).mean(dim=2), x.flatten(2).std(dim=2, unbiased=False)]
+    with torch.no_grad():
+        for i, (weight, bias) in enumerate(_proxy_weights()):
+            if i > 0:
+                x = F.avg_pool2d(x, 2)
+            x = F.leaky_relu(F.conv2d(x, weight, bias, padding=1), PROXY_SLOPE)
+            features += [x.flatten(2).mean(dim=2), x.flatten(2).std(dim=2, unbiased=False)]
+    return PROXY_SCALE * torch.cat(features, dim=1).double().numpy()
+
+
+class ProxyStatistics:
+    """Streaming mean and unbiased covariance of proxy features over batches of images."""
+
+    def __init__(self):
+        self.count = 0
+        self.total = np.zeros(PROXY_DIM)
+        self.outer = np.zeros((PROXY_DIM, PROXY_DIM))
+
+    def update(self, images) -> None:
+        """Add a batch of images (uint8 NHWC or float NCHW in [0, 1])."""
+        features = proxy_features(images)
+        self.count += len(features)
+        self.total += features.sum(axis=0)
+        self.outer += features.T @ features
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, covariance) of all images added so far."""
+        if self.count < 2:
+            raise ValueError(f"Statistics need at least 2 images; got {self.count}.")
+        mu = self.total / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (sigma + sigma.T) / 2
+
+
+def proxy_fid(images: Iterable | np.ndarray | torch.Tensor, stats: dict) -> float:
+    """Proxy FID of images (one batch or an iterable of batches) against proxy statistics."""
+    batches = [images] if isinstance(images, (np.ndarray, torch.Tensor)) else images
+    accumulator = ProxyStatistics()
+    for batch in batches:
+        accumulator.update(batch)
+    _check_proxy_stats(stats)
+    return frechet_distance(*accumulator.result(), stats["mu"], stats["sigma"])
+
+
+def _check_proxy_stats(stats: dict) -> None:
+    if "mu" not in stats or int(np.asarray(stats.get("proxy_version", -1))) != PROXY_VERSION:
+        raise ValueError(
+            f"These are not version-{PROXY_VERSION} proxy statistics: recompute them with "
+            f"`{STATS_COMMAND.format(features='proxy')}`.")
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset statistics files.
+
+def stats_filename(config, features: str = "inception") -> str:
+    """File name of a dataset's statistics, as the original names them (`cifar10_stats.npz`,
+    `celeba_stats.npz`, `lsun_<category>_<size>_stats.npz`); the image size is added for other
+    sizes than the native one, and `_proxy` before `_stats` for the proxy features."""
+    if features not in ("inception", "proxy"):
+        raise ValueError(f"features must be 'inception' or 'proxy'; got '{features}'.")
+    name, canonical = datasets.dataset_name(config), datasets.canonical_dataset(config)
+    size = int(config.data.image_size)
+    if (canonical in ("LSUN", "CelebAHQ", "FFHQ", "NUMPY", "FOLDER")
+            or size != datasets.NATIVE_SIZES.get(canonical)):
+        name = f"{name}_{size}"
+    return f"{name}{'_proxy' if features == 'proxy' else ''}_stats.npz"
+
+
+def load_dataset_stats(config, features: str = "inception",
+                       stats_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """The pre-computed statistics of the configured dataset (`pool_3` activations for
+    Inception; `mu`, `sigma` for the proxy), from `stats_dir` (default assets/stats)."""
+    path = Path(stats_dir or STATS_DIR) / stats_filename(config, features)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Dataset statistics {path} do not exist: compute them with "
+            f"`{STATS_COMMAND.format(features=features)}`.")
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def inception_metrics(images, data_stats: dict, inception_model, inceptionv3: bool = False,
+                      batch_size: int = 250) -> dict[str, float]:
+    """Inception score, FID and KID of images against a dataset's `pool_3` statistics."""
+    features = run_inception(images, inception_model, inceptionv3, batch_size)
+    data_pools = data_stats[INCEPTION_FINAL_POOL]
+    metrics = {"fid": frechet_distance_from_activations(data_pools, features["pool_3"])}
+    try:
+        metrics["kid"] = kernel_distance_from_activations(data_pools, features["pool_3"])
+    except ValueError as error:  # too few samples for TF-GAN's blocks: report NaN, keep going
+        logger.warning("KID is NaN: %s", error)
+        metrics["kid"] = float("nan")
+    if features[INCEPTION_OUTPUT] is not None:
+        metrics["inception_score"] = inception_score_from_logits(features[INCEPTION_OUTPUT])
+    return metrics
+
+
+def evaluate_samples(samples, config, inception_model=None,
+                     stats_dir: str | os.PathLike | None = None) -> dict[str, float] | None:
+    """Metrics of samples (uint8 NHWC or float NCHW in [0, 1]) against the configured dataset.
+
+    Inception score, FID and KID when the dataset's Inception statistics exist and the Inception
+    network loads (given, or loaded here; InceptionV3 at 256 pixels and above, as the original);
+    otherwise the proxy FID when proxy statistics exist; otherwise None, with a logged sentence.
+    """
+    inceptionv3 = config.data.image_size >= 256
+    try:
+        stats = load_dataset_stats(config, "inception", stats_dir)
+    except FileNotFoundError as error:
+        logger.warning("Inception metrics skipped: %s", error)
+    else:
+        model = inception_model if inception_model is not None else get_inception_model(
+            inceptionv3)
+        if model is not None:
+            return inception_metrics(samples, stats, model, inceptionv3)
+    try:
+        proxy_stats = load_dataset_stats(config, "proxy", stats_dir)
+    except FileNotFoundError as error:
+        logger.warning("Proxy FID skipped: %s", error)
+        return None
+    return {"proxy_fid": proxy_fid(samples, proxy_stats)}
