@@ -1,0 +1,76 @@
+"""Entry point: `python main.py --config C --workdir W --mode train|eval|eval_subspace`."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections.config_flags import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file("config", None, "Training/evaluation configuration.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Working directory (checkpoints, samples, logs).")
+flags.DEFINE_enum("mode", None, ["train", "eval", "eval_subspace"], "Running mode.")
+flags.DEFINE_string("eval_folder", "eval", "Folder name (inside workdir) for evaluation results.")
+flags.DEFINE_bool("progress", True, "Show progress bars.")
+# Subspace evaluation (`--mode eval_subspace`), with the original spellings.
+flags.DEFINE_string("subspace", None, "Subspace size(s), e.g. 16 or 16,8.")
+flags.DEFINE_string("time", None, "Cutoff time(s), one per subspace size, e.g. 0.5 or 0.5,0.6.")
+flags.DEFINE_string("dataset", None, "Dataset name for the subspace statistics (default: from "
+                    "the config).")
+flags.DEFINE_string("save_name", None, "Name of the output files of eval_subspace.")
+flags.DEFINE_string("ckpt_full", None, "Checkpoint of the full model.")
+flags.DEFINE_string("ckpt_subspace", None, "Checkpoint(s) of the subspace model(s), comma list.")
+flags.DEFINE_string("checkpoint_full", None, "Alias of --ckpt_full.")
+flags.DEFINE_string("checkpoint_subspace", None, "Alias of --ckpt_subspace.")
+flags.mark_flags_as_required(["workdir", "config", "mode"])
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def _run(argv) -> None:
+    del argv
+    import run_lib  # imported here so that --help works without loading torch
+
+    config = FLAGS.config
+    if FLAGS.mode == "train":
+        run_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
+    elif FLAGS.mode == "eval":
+        run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder, progress=FLAGS.progress)
+    else:
+        ckpt_full = FLAGS.ckpt_full or FLAGS.checkpoint_full
+        ckpt_subspace = FLAGS.ckpt_subspace or FLAGS.checkpoint_subspace
+        missing = [name for name, value in (("--subspace", FLAGS.subspace), ("--time", FLAGS.time),
+                                            ("--ckpt_full", ckpt_full),
+                                            ("--ckpt_subspace", ckpt_subspace)) if not value]
+        if missing:
+            raise UsageError(f"--mode eval_subspace needs {', '.join(missing)}.")
+        run_lib.evaluate_subspace(
+            config, FLAGS.workdir, FLAGS.eval_folder,
+            subspace_sizes=[int(s) for s in FLAGS.subspace.split(",")],
+            cutoffs=[float(t) for t in FLAGS.time.split(",")],
+            ckpt_full=ckpt_full, ckpt_subspace=ckpt_subspace.split(","),
+            dataset=FLAGS.dataset, save_name=FLAGS.save_name, progress=FLAGS.progress)
+
+
+def main(argv) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import run_lib
+
+    try:
+        _run(argv)
+    except (ValueError, KeyError, FileNotFoundError, run_lib.TrainingDiverged) as error:
+        if os.environ.get("SUBSPACE_DEBUG"):
+            raise
+        message = error.args[0] if error.args else repr(error)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

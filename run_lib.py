@@ -1,0 +1,371 @@
+"""Training and evaluation loops behind `main.py` (the score-SDE half of the project)."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import datasets
+import losses
+import sampling
+import sde_lib
+import utils
+from models import utils as mutils
+from models.ema import ExponentialMovingAverage
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from `config.seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(config) -> torch.device:
+    """`config.device` when set, else CUDA when present, else CPU."""
+    device = getattr(config, "device", None)
+    return torch.device(device) if device is not None else mutils.default_device()
+
+
+def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
+    workdir = Path(workdir)
+    return {
+        "samples": workdir / "samples",
+        "tensorboard": workdir / "tensorboard",
+        "checkpoints": workdir / "checkpoints",
+        "meta": workdir / "checkpoints-meta" / "checkpoint.pth",
+    }
+
+
+def create_train_state(config, device: torch.device) -> dict:
+    """A fresh training state {model, ema, optimizer, step} built from `config`."""
+    config.device = device
+    model = mutils.create_model(config)
+    ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
+    optimizer = losses.get_optimizer(config, model.parameters())
+    return dict(optimizer=optimizer, model=model, ema=ema, step=0)
+
+
+def _summary_writer(log_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def _iterate_forever(dataset):
+    while True:
+        yielded = False
+        for batch in dataset:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("The training dataset is empty: check config.data.")
+
+
+def _snapshot_samples(sampling_fn, state, step: int, sample_dir: Path) -> None:
+    ema = state["ema"]
+    model = state["model"]
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        samples, _ = sampling_fn(model)
+    finally:
+        ema.restore(model.parameters())
+    this_dir = sample_dir / f"iter_{step}"
+    images = samples.clamp(0.0, 1.0).cpu()
+    uint8 = (images.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+    utils.atomic_numpy_save(this_dir / "sample.npy", samples=uint8)
+    utils.save_image_grid(images, this_dir / "sample.png")
+
+
+def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
+    """Train a score model as the original `run_lib.train`, resuming from the preemption
+    checkpoint in `workdir` when there is one. Returns the final training state."""
+    from tqdm.auto import tqdm
+
+    paths = _paths(workdir)
+    for key in ("samples", "tensorboard", "checkpoints"):
+        paths[key].mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    device = resolve_device(config)
+    state = create_train_state(config, device)
+    state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
+    initial_step = int(state["step"])
+    if initial_step > 0:
+        logger.info("Resuming training from step %d (%s).", initial_step, paths["meta"])
+        # A resumed run must not replay the data and noise of the steps already taken.
+        set_seed(config.seed + initial_step)
+
+    train_ds, eval_ds, _ = datasets.get_dataset(
+        config, uniform_dequantization=config.data.uniform_dequantization,
+        seed=config.seed + initial_step)
+    train_iter = _iterate_forever(train_ds)
+    eval_iter = _iterate_forever(eval_ds)
+    scaler = datasets.get_data_scaler(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+
+    sde, sampling_eps = sde_lib.get_sde(config)
+    optimize_fn = losses.optimization_manager(config)
+    step_kwargs = dict(sde=sde, optimize_fn=optimize_fn, reduce_mean=config.training.reduce_mean,
+                       continuous=config.training.continuous,
+                       likelihood_weighting=config.training.likelihood_weighting)
+    train_step_fn = losses.get_step_fn(train=True, **step_kwargs)
+    eval_step_fn = losses.get_step_fn(train=False, **step_kwargs)
+
+    sampling_fn = None
+    if config.training.snapshot_sampling:
+        shape = (config.training.batch_size, config.data.num_channels,
+                 config.data.image_size, config.data.image_size)
+        sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sampling_eps,
+                                               progress=progress)
+
+    writer = _summary_writer(paths["tensorboard"])
+    num_train_steps = config.training.n_iters
+    try:
+        steps = tqdm(range(initial_step, num_train_steps + 1), initial=initial_step,
+                     total=num_train_steps + 1, desc="train", disable=not progress)
+        for step in steps:
+            batch = scaler(next(train_iter)["image"].to(device))
+            loss = train_step_fn(state, batch)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"Training loss became {loss_value} at step {step}; the run stopped and the "
+                    f"last good checkpoint is kept in {paths['meta'].parent} and "
+                    f"{paths['checkpoints']}: lower optim.lr or raise optim.warmup and resume.")
+            if step % config.training.log_freq == 0:
+                writer.add_scalar("training_loss", loss_value, step)
+                steps.set_postfix(loss=f"{loss_value:.4g}")
+                logger.info("step: %d, training_loss: %.5e", step, loss_value)
+            if step != 0 and step % config.training.snapshot_freq_for_preemption == 0:
+                utils.save_checkpoint(paths["meta"], state)
+            if step % config.training.eval_freq == 0:
+                eval_batch = scaler(next(eval_iter)["image"].to(device))
+                eval_loss = float(eval_step_fn(state, eval_batch))
+                writer.add_scalar("eval_loss", eval_loss, step)
+            if step != 0 and (step % config.training.snapshot_freq == 0
+                              or step == num_train_steps):
+                save_step = step // config.training.snapshot_freq
+                utils.save_checkpoint(paths["checkpoints"] / f"checkpoint_{save_step}.pth", state)
+                # The preemption checkpoint also marks the run as finished up to here.
+                utils.save_checkpoint(paths["meta"], state)
+                if sampling_fn is not None:
+                    _snapshot_samples(sampling_fn, state, step, paths["samples"])
+    finally:
+        writer.close()
+    return state
+
+
+def round_seed(seed: int, ckpt: int, round_index: int) -> int:
+    """Seed of one sampling round, so a resumed or split evaluation draws the same samples."""
+    return (int(seed) * 1_000_003 + int(ckpt) * 10_007 + int(round_index)) % 2**63
+
+
+def _to_uint8_nhwc(samples: torch.Tensor) -> np.ndarray:
+    images = samples.clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
+    return (images * 255.0).round().astype(np.uint8)
+
+
+def _bpd_dataset(config):
+    train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=True,
+                                                evaluation=True)
+    if config.eval.bpd_dataset.lower() == "train":
+        return train_ds
+    if config.eval.bpd_dataset.lower() == "test":
+        return eval_ds
+    raise ValueError(f"Unknown eval.bpd_dataset '{config.eval.bpd_dataset}': use train or test.")
+
+
+def compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats: int,
+                progress: bool, max_batches: int | None = None) -> tuple[np.ndarray, int]:
+    """Bits/dim of every image of the configured bpd dataset (`num_repeats` dequantisations),
+    and the total number of ODE function evaluations."""
+    from tqdm.auto import tqdm
+
+    dataset = _bpd_dataset(config)
+    bpds, nfe_total = [], 0
+    for repeat in range(num_repeats):
+        for index, batch in enumerate(tqdm(dataset, desc=f"bpd (repeat {repeat + 1})",
+                                           disable=not progress)):
+            if max_batches is not None and index >= max_batches:
+                break
+            data = scaler(batch["image"].to(device))
+            bpd, _, nfe = likelihood_fn(model, data)
+            bpds.append(bpd.detach().cpu().numpy().reshape(-1))
+            nfe_total += int(nfe)
+            logger.info("repeat %d batch %d: mean bpd %.5f", repeat, index,
+                        float(np.mean(np.concatenate(bpds))))
+    return np.concatenate(bpds) if bpds else np.zeros(0), nfe_total
+
+
+def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
+    path = _paths(workdir)["checkpoints"] / f"checkpoint_{ckpt}.pth"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Checkpoint {path} does not exist: train first, or set config.eval.begin_ckpt and "
+            "config.eval.end_ckpt to checkpoints that exist.")
+    return path
+
+
+def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
+                   progress: bool) -> np.ndarray:
+    """Draw config.eval.num_samples samples in rounds of eval.batch_size, one file per round;
+    rounds already on disk are reused, so an interrupted evaluation resumes."""
+    batch = config.eval.batch_size
+    num_rounds = -(-config.eval.num_samples // batch)
+    rounds = []
+    for r in range(num_rounds):
+        path = sample_dir / f"samples_{r}.npz"
+        if path.is_file():
+            with np.load(path) as archive:
+                rounds.append(archive["samples"])
+            continue
+        torch.manual_seed(round_seed(config.seed, ckpt, r))
+        samples, nfe = sampling_fn(model)
+        uint8 = _to_uint8_nhwc(samples)
+        utils.atomic_numpy_save(path, samples=uint8)
+        rounds.append(uint8)
+        logger.info("checkpoint %d, sampling round %d/%d done (%d evaluations).", ckpt, r + 1,
+                    num_rounds, nfe)
+    return np.concatenate(rounds)[: config.eval.num_samples]
+
+
+def _write_report(path: Path, report: dict) -> None:
+    import json
+
+    utils.atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
+             progress: bool = True) -> dict:
+    """Evaluate checkpoints eval.begin_ckpt..eval.end_ckpt of `workdir`: loss on the evaluation
+    split, bits/dim, and sampling with FID/IS/KID (or the proxy FID); one JSON report each."""
+    import evaluation
+    import likelihood
+
+    workdir = Path(workdir)
+    eval_dir = workdir / eval_folder
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    device = resolve_device(config)
+    state = create_train_state(config, device)
+    state.pop("optimizer")
+    scaler = datasets.get_data_scaler(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    sde, sampling_eps = sde_lib.get_sde(config)
+
+    if config.eval.enable_loss:
+        _, eval_ds, _ = datasets.get_dataset(
+            config, uniform_dequantization=config.data.uniform_dequantization, evaluation=True)
+        eval_step_fn = losses.get_step_fn(
+            sde, train=False, optimize_fn=None, reduce_mean=config.training.reduce_mean,
+            continuous=config.training.continuous,
+            likelihood_weighting=config.training.likelihood_weighting)
+    if config.eval.enable_bpd:
+        likelihood_fn = likelihood.get_likelihood_fn(sde, inverse_scaler)
+    if config.eval.enable_sampling:
+        shape = (config.eval.batch_size, config.data.num_channels, config.data.image_size,
+                 config.data.image_size)
+        sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sampling_eps,
+                                               progress=progress)
+
+    reports = {}
+    for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
+        state = utils.restore_checkpoint(_checkpoint_path(workdir, ckpt), state, device)
+        model = state["model"]
+        report: dict = {"checkpoint": ckpt, "step": int(state["step"])}
+        if config.eval.enable_loss:
+            # The eval step swaps the EMA weights in itself.
+            values = [float(eval_step_fn(state, scaler(b["image"].to(device)))) for b in eval_ds]
+            report["eval_loss"] = float(np.mean(values))
+            logger.info("checkpoint %d: eval loss %.5e", ckpt, report["eval_loss"])
+        state["ema"].store(model.parameters())
+        state["ema"].copy_to(model.parameters())
+        try:
+            if config.eval.enable_bpd:
+                num_repeats = 5 if config.data.uniform_dequantization else 1
+                bpds, nfe = compute_bpd(likelihood_fn, model, config, scaler, device,
+                                        num_repeats, progress)
+                utils.atomic_numpy_save(eval_dir / f"ckpt_{ckpt}_bpd.npz", bpd=bpds)
+                report.update(bpd=float(bpds.mean()), bpd_nfe=nfe)
+                logger.info("checkpoint %d: mean bpd %.5f", ckpt, report["bpd"])
+            if config.eval.enable_sampling:
+                samples = _sample_rounds(sampling_fn, model, config, ckpt,
+                                         eval_dir / f"ckpt_{ckpt}", progress)
+                metrics = evaluation.evaluate_samples(samples, config)
+                if metrics is not None:
+                    report.update(metrics)
+                    logger.info("checkpoint %d: %s", ckpt, metrics)
+        finally:
+            state["ema"].restore(model.parameters())
+        _write_report(eval_dir / f"report_{ckpt}.json", report)
+        reports[ckpt] = report
+    return reports
+
+
+def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
+                      subspace_sizes, cutoffs, ckpt_full: str, ckpt_subspace,
+                      dataset: str | None = None, save_name: str | None = None,
+                      progress: bool = True) -> dict:
+    """Sampling (`config.sampling.method`, usually the ODE) and bits/dim through the implicit
+    full-space score of subspace diffusion, reporting full and subspace network evaluations."""
+    import likelihood
+    from models.subspace_model import load_subspace_model
+
+    eval_dir = Path(workdir) / eval_folder
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    save_name = save_name or "subspace_" + "_".join(
+        f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
+    set_seed(config.seed)
+    device = resolve_device(config)
+    config.device = device
+    model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
+                                dataset=dataset)
+    scaler = datasets.get_data_scaler(config)
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    sde, sampling_eps = sde_lib.get_sde(config)
+    report: dict = {"subspace": list(subspace_sizes), "time": list(cutoffs),
+                    "ckpt_full": str(ckpt_full), "ckpt_subspace": [str(c) for c in ckpt_subspace]}
+
+    if config.eval.enable_sampling:
+        shape = (config.eval.batch_size, config.data.num_channels, config.data.image_size,
+                 config.data.image_size)
+        sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sampling_eps,
+                                               progress=progress)
+        model.reset_nfe()
+        samples = _sample_rounds(sampling_fn, model, config, 0, eval_dir / save_name, progress)
+        utils.atomic_numpy_save(eval_dir / f"{save_name}.npy", samples=samples)
+        report.update(sampling_num_full=model.num_full, sampling_num_subspace=model.num_subspace,
+                      sampling_nfe_per_level=list(model.nfe_subspace))
+        print(f"sampling: {model.num_full} full and {model.num_subspace} subspace network "
+              f"evaluations (per level {model.nfe_subspace}) for the rounds drawn in this run")
+        import evaluation
+
+        metrics = evaluation.evaluate_samples(samples, config)
+        if metrics is not None:
+            report.update(metrics)
+            print(f"sample metrics: {metrics}")
+    if config.eval.enable_bpd:
+        likelihood_fn = likelihood.get_likelihood_fn(sde, inverse_scaler)
+        model.reset_nfe()
+        num_repeats = 5 if config.data.uniform_dequantization else 1
+        bpds, nfe = compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats,
+                                progress)
+        utils.atomic_numpy_save(eval_dir / f"{save_name}_bpd.npz", bpd=bpds)
+        report.update(bpd=float(bpds.mean()), bpd_ode_nfe=nfe, bpd_num_full=model.num_full,
+                      bpd_num_subspace=model.num_subspace)
+        print(f"bits/dim {report['bpd']:.5f} over {len(bpds)} images; {model.num_full} full and "
+              f"{model.num_subspace} subspace network evaluations")
+    _write_report(eval_dir / f"{save_name}_report.json", report)
+    return report
