@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -168,3 +169,177 @@ def between_level_rmsd(d: int, n_i: int, r_i: float, n_j: int, r_j: float) -> fl
             f"Statistics are inconsistent: the larger subspace (n={n_i}) is farther from the data "
             f"than the smaller one (n={n_j}); recompute them with `{RMSD_COMMAND}`.")
     return math.sqrt(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Nested subspace plans: which network runs at which time, and the Gaussian bands between levels.
+
+def parse_int_list(text: str | int | list | tuple, name: str) -> tuple[int, ...]:
+    """Parse a comma list of integers such as the `--subspace 16,8` flag."""
+    if isinstance(text, int):
+        return (text,)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = tuple(int(str(item).strip()) for item in items if str(item).strip())
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list of integers; got '{text}'.") \
+            from None
+    if not values:
+        raise ValueError(f"--{name} is empty: give at least one value.")
+    return values
+
+
+def parse_float_list(text: str | float | list | tuple, name: str) -> tuple[float, ...]:
+    """Parse a comma list of numbers such as the `--time 0.5,0.6` flag."""
+    if isinstance(text, (int, float)):
+        return (float(text),)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        values = tuple(float(str(item).strip()) for item in items if str(item).strip())
+    except ValueError:
+        raise ValueError(f"--{name} must be a comma-separated list of numbers; got '{text}'.") \
+            from None
+    if not values:
+        raise ValueError(f"--{name} is empty: give at least one value.")
+    return values
+
+
+@dataclass(frozen=True)
+class SubspacePlan:
+    """A chain of nested downsampling subspaces with their cutoff times.
+
+    Level 0 is the full space (side `full_size`); level j = 1..J has side `sizes[j-1]`, reached by
+    `halvings[j-1]` halvings of the full image, and its network is used for
+    cutoffs[j-1] < t <= cutoffs[j] (the last level up to T; a cutoff of 0 leaves the full network
+    only t = 0, a cutoff of 1 never uses the level). Sizes decrease strictly and cutoffs
+    increase strictly. `rmsds[j-1]` is the per-dimension RMSD r_k of the data (pixels in [0,1])
+    from the full space to level j; `band_rmsds[j-1]` is the RMSD of the band between levels
+    j-1 and j (DESIGN.md section 3, Pythagoras between nested subspaces).
+    """
+
+    full_size: int
+    sizes: tuple[int, ...]
+    cutoffs: tuple[float, ...]
+    rmsds: tuple[float, ...]
+    halvings: tuple[int, ...] = field(init=False)
+    band_rmsds: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self):
+        sizes = tuple(int(s) for s in self.sizes)
+        cutoffs = tuple(float(t) for t in self.cutoffs)
+        rmsds = tuple(float(r) for r in self.rmsds)
+        object.__setattr__(self, "sizes", sizes)
+        object.__setattr__(self, "cutoffs", cutoffs)
+        object.__setattr__(self, "rmsds", rmsds)
+        if not sizes:
+            raise ValueError("A subspace plan needs at least one subspace size.")
+        if len(cutoffs) != len(sizes):
+            raise ValueError(
+                f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(cutoffs)} cutoff times "
+                f"{list(cutoffs)}: give one cutoff time per subspace size.")
+        if len(rmsds) != len(sizes):
+            raise ValueError(
+                f"Got {len(sizes)} subspace sizes but {len(rmsds)} RMSD values: give one RMSD "
+                "per subspace size.")
+        previous = int(self.full_size)
+        for size in sizes:
+            if size >= previous:
+                raise ValueError(
+                    f"Subspace sizes must be nested, each strictly smaller than the previous one "
+                    f"(starting from the full size {self.full_size}); got {list(sizes)}.")
+            num_halvings(previous, size)  # raises unless size = previous / 2^m
+            previous = size
+        halvings = tuple(num_halvings(self.full_size, size) for size in sizes)
+        for t in cutoffs:
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"Cutoff times must lie in [0, 1]; got {list(cutoffs)}.")
+        if any(b <= a for a, b in zip(cutoffs, cutoffs[1:])):
+            raise ValueError(
+                f"Cutoff times must increase strictly with decreasing subspace size; got "
+                f"{list(cutoffs)} for sizes {list(sizes)}.")
+        for r in rmsds:
+            if not (math.isfinite(r) and r > 0):
+                raise ValueError(f"RMSD statistics must be positive and finite; got {list(rmsds)}.")
+        d = self.full_size**2
+        bands, n_prev, r_prev = [], d, 0.0
+        for size, r in zip(sizes, rmsds):
+            bands.append(between_level_rmsd(d, n_prev, r_prev, size**2, r))
+            n_prev, r_prev = size**2, r
+        object.__setattr__(self, "halvings", halvings)
+        object.__setattr__(self, "band_rmsds", tuple(bands))
+
+    @classmethod
+    def from_statistics(cls, full_size: int, sizes, cutoffs, dataset: str,
+                        stats_path: str | os.PathLike | None = None) -> SubspacePlan:
+        """A plan whose RMSDs come from the statistics file (assets/subspace_rmsd.json)."""
+        sizes = parse_int_list(sizes, "subspace")
+        cutoffs = parse_float_list(cutoffs, "time")
+        rmsds = tuple(dataset_rmsd(dataset, full_size, s, stats_path) for s in sizes)
+        return cls(full_size, sizes, cutoffs, rmsds)
+
+    @property
+    def num_levels(self) -> int:
+        """Number J of subspace levels (the full space not counted)."""
+        return len(self.sizes)
+
+    def _check_level(self, level: int, allow_full: bool = True) -> None:
+        low = 0 if allow_full else 1
+        if not low <= level <= self.num_levels:
+            raise ValueError(f"Level {level} is outside {low}..{self.num_levels} for this plan.")
+
+    def size_of(self, level: int) -> int:
+        """Image side at `level` (0 = full space)."""
+        self._check_level(level)
+        return self.full_size if level == 0 else self.sizes[level - 1]
+
+    def halvings_of(self, level: int) -> int:
+        """Halvings k from the full space to `level` (0 for the full space)."""
+        self._check_level(level)
+        return 0 if level == 0 else self.halvings[level - 1]
+
+    def relative_halvings(self, level: int) -> int:
+        """Halvings from level `level - 1` to `level` (level >= 1)."""
+        self._check_level(level, allow_full=False)
+        return self.halvings_of(level) - self.halvings_of(level - 1)
+
+    def offset(self, level: int, centered: bool) -> float:
+        """c_k of `level`: its network sees D^k x + c_k alpha(t) for a full-space state x."""
+        return scaler_offset_factor(self.halvings_of(level), centered)
+
+    def relative_offset(self, level: int, centered: bool) -> float:
+        """c_Delta with y_level = D^Delta y_{level-1} + c_Delta alpha(t) in network coordinates.
+
+        From c_k = -b (2^k - 1) and D^Delta of a constant image c being 2^Delta c:
+        c_{k_j} - 2^Delta c_{k_{j-1}} = -b (2^Delta - 1) = c_Delta.
+        """
+        return scaler_offset_factor(self.relative_halvings(level), centered)
+
+    def band_variance(self, sde, t: torch.Tensor, level: int, centered: bool) -> torch.Tensor:
+        """Per-dimension variance alpha(t)^2 (a r_band)^2 + sigma(t)^2 of the band between levels
+        `level - 1` and `level` of x_t, the data being isotropic there with RMSD r_band."""
+        self._check_level(level, allow_full=False)
+        a, _ = scaler_coefficients(centered)
+        r = a * self.band_rmsds[level - 1]
+        return sde.alpha(t) ** 2 * r**2 + sde.sigma(t) ** 2
+
+    def level_for_time(self, t: float) -> int:
+        """Level whose network handles time t: the number of cutoffs strictly below t (a time
+        exactly at a cutoff belongs to the larger model)."""
+        return sum(1 for c in self.cutoffs if t > c)
+
+    def windows(self, T: float = 1.0) -> list[tuple[int, float, float]]:
+        """Sampling stages (level, start, end) from T down to 0, deepest level first; a level
+        whose window is empty (cutoff at T) is left out."""
+        bounds = (0.0,) + self.cutoffs + (T,)
+        stages = [(level, bounds[level + 1], bounds[level])
+                  for level in range(self.num_levels, -1, -1)]
+        return [stage for stage in stages if stage[1] > stage[2]]
+
+    def describe(self) -> str:
+        """One line such as `32 (t <= 0.5) | 16 (0.5 < t <= 0.6) | 8 (t > 0.6)`."""
+        parts = [f"{self.full_size} (t <= {self.cutoffs[0]:g})"]
+        for j, size in enumerate(self.sizes):
+            upper = f" <= {self.cutoffs[j + 1]:g}" if j + 1 < self.num_levels else ""
+            lower = f"{self.cutoffs[j]:g} < t" if upper else f"t > {self.cutoffs[j]:g}"
+            parts.append(f"{size} ({lower}{upper})")
+        return " | ".join(parts)

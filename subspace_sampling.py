@@ -1,0 +1,168 @@
+"""Subspace SDE sampling: PC sampling per plan stage, upsampling, conditional Langevin.
+
+The reverse SDE starts in the smallest subspace of a `SubspacePlan` with that level's network.
+At each cutoff the state is lifted to the next-larger level (`upsampling.upsample_level`), a few
+Langevin steps with the next-larger network move only the newly added band (gradient and noise
+projected onto the orthogonal complement, so the subspace component stays fixed), and PC
+sampling continues with that network; the full network handles the last window. Step counts per
+window come from `sampling.window_step_counts`, so the windows together visit the full sampler's
+grid of N steps.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import sde_lib
+import subspace_lib as sl
+from models import utils as mutils
+from sampling import _langevin_alpha, pc_sample_window, window_step_counts, window_timesteps
+from sde_lib import _batch_broadcast as batch_broadcast
+from upsampling import upsample_level
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class StageReport:
+    """What one sampling stage did: its level and window, steps, network calls and time."""
+
+    level: int
+    size: int
+    t_start: float
+    t_end: float
+    steps: int
+    nfe: int
+    langevin_nfe: int
+    seconds: float
+
+
+def conditional_langevin(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t: torch.Tensor,
+                         snr: float, n_steps: int, remove_halvings: int | None,
+                         alpha: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Langevin steps at time t whose gradient and noise are projected onto the orthogonal
+    complement of the `remove_halvings` subspace (unprojected when None or 0).
+
+    Step size eps = 2 alpha (snr ||z|| / ||g||)^2 with the projected gradient g and noise z (the
+    Langevin corrector of Song et al. 2021, Algorithm 4); `alpha` defaults to the corrector's.
+    Returns the state and its noise-free mean.
+    """
+    if alpha is None:
+        alpha = _langevin_alpha(sde, t)
+    x_mean = x
+    for _ in range(n_steps):
+        grad = score_fn(x, t)
+        noise = torch.randn_like(x)
+        if remove_halvings:
+            grad = sl.orthogonal_part(grad, remove_halvings)
+            noise = sl.orthogonal_part(noise, remove_halvings)
+        grad_norm = torch.linalg.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+        noise_norm = torch.linalg.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+        x_mean = x + batch_broadcast(step_size, x) * grad
+        x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
+    return x, x_mean
+
+
+def _legacy_langevin_score(model: nn.Module) -> ScoreFn:
+    """The reference code's Langevin 'score': the raw network fed the time t as its label."""
+    model_fn = mutils.get_model_fn(model, train=False)
+    return lambda x, t: model_fn(x, t)
+
+
+def stage_boundaries(plan: sl.SubspacePlan, T: float, eps: float) -> list[tuple[int, float, float]]:
+    """The plan's non-empty windows (level, start, end), the last one ending at eps."""
+    if plan.cutoffs[0] <= eps:
+        raise ValueError(f"The smallest cutoff time {plan.cutoffs[0]} must exceed the sampler's "
+                         f"final time eps={eps}: choose a larger --time.")
+    windows = plan.windows(T)
+    level, start, _ = windows[-1]
+    return windows[:-1] + [(level, start, eps)]
+
+
+def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl.SubspacePlan,
+                       centered: bool, shape: Sequence[int], *, eps: float, predictor, corrector,
+                       snr: float, n_steps_each: int = 1, probability_flow: bool = False,
+                       continuous: bool = True, denoise: bool = True, langevin_snr: float = 0.22,
+                       langevin_steps: int = 2, conditional_langevin_steps: bool = True,
+                       legacy_langevin: bool = False, x: torch.Tensor | None = None,
+                       device=None, progress: bool = False
+                       ) -> tuple[torch.Tensor, list[StageReport]]:
+    """Sample full-size states (data-scaler space) by subspace diffusion (Jing et al. 2022).
+
+    `networks[j]` is the network of plan level j (0 = full size); `shape` is the full-size
+    batch shape. Stages run from T down to eps (`stage_boundaries`); at each cutoff the state is
+    upsampled and, when `langevin_steps` > 0, refined by Langevin steps of the next-larger network
+    at the time the state has reached (`conditional_langevin_steps`: only the new band moves).
+    `legacy_langevin=True` reproduces the reference code, which gave the Langevin step the raw
+    network as its score (label t instead of the SDE's label; sign flipped for VP/sub-VP) and
+    used alpha = 1 there for sub-VP. The last stage returns its noise-free mean when `denoise`.
+    `x` optionally replaces the prior sample of the first stage. Returns the samples and one
+    `StageReport` per stage.
+    """
+    if len(networks) != plan.num_levels + 1:
+        raise ValueError(f"Give {plan.num_levels + 1} networks (full size first, then one per "
+                         f"subspace size {list(plan.sizes)}); got {len(networks)}.")
+    device = device if device is not None else mutils.default_device()
+    stages = stage_boundaries(plan, sde.T, eps)
+    counts = window_step_counts(sde.N, [sde.T] + [s[2] for s in stages], sde.T, eps)
+    score_fns = [mutils.get_score_fn(sde, net, train=False, continuous=continuous)
+                 for net in networks]
+    batch, channels = shape[0], shape[1]
+    reports: list[StageReport] = []
+    with torch.no_grad():
+        for i, ((level, start, end), steps) in enumerate(zip(stages, counts)):
+            began = time.perf_counter()
+            size = plan.size_of(level)
+            times = window_timesteps(sde.N, start, end, steps, sde.T, eps, device=device)
+            langevin_nfe = 0
+            if i == 0:
+                if x is None:
+                    x = sde.prior_sampling((batch, channels, size, size)).to(device)
+            else:
+                # The state has reached this window's first grid time.
+                t_now = float(times[0]) if steps > 0 else start
+                vec_t = torch.full((batch,), t_now, device=device)
+                x = upsample_level(x, sde, vec_t, plan, stages[i - 1][0], centered)
+                if langevin_steps > 0:
+                    removed = plan.relative_halvings(stages[i - 1][0]) if \
+                        conditional_langevin_steps else None
+                    if legacy_langevin:
+                        score = _legacy_langevin_score(networks[level])
+                        alpha = (torch.ones_like(vec_t) if isinstance(sde, sde_lib.subVPSDE)
+                                 else None)
+                    else:
+                        score, alpha = score_fns[level], None
+                    x, _ = conditional_langevin(score, sde, x, vec_t, langevin_snr,
+                                                langevin_steps, removed, alpha=alpha)
+                    langevin_nfe = langevin_steps
+            last = i == len(stages) - 1
+            x, _, nfe = pc_sample_window(score_fns[level], sde, x, start, end, steps, predictor,
+                                         corrector, snr, n_steps_each=n_steps_each,
+                                         probability_flow=probability_flow,
+                                         denoise=denoise and last, progress=progress,
+                                         desc=f"{size}x{size} [{start:g}, {end:g}]", eps=eps)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            reports.append(StageReport(level, size, start, end, steps, nfe + langevin_nfe,
+                                       langevin_nfe, time.perf_counter() - began))
+    return x, reports
+
+
+def format_stage_reports(reports: Sequence[StageReport]) -> str:
+    """A small table of the stages: size, window, steps, network evaluations, seconds."""
+    lines = [f"{'size':>6} {'window':>17} {'steps':>6} {'nfe':>6} {'langevin':>8} {'seconds':>9}"]
+    for r in reports:
+        window = f"[{r.t_start:.4g}, {r.t_end:.4g}]"
+        lines.append(f"{r.size:>6} {window:>17} {r.steps:>6} {r.nfe:>6} {r.langevin_nfe:>8} "
+                     f"{r.seconds:>9.2f}")
+    total_nfe = sum(r.nfe for r in reports)
+    total_s = sum(r.seconds for r in reports)
+    lines.append(f"{'total':>6} {'':>17} {sum(r.steps for r in reports):>6} {total_nfe:>6} "
+                 f"{sum(r.langevin_nfe for r in reports):>8} {total_s:>9.2f}")
+    return "\n".join(lines)

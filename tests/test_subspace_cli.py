@@ -1,0 +1,135 @@
+"""`subspace_sample.py` and `subspace_inpainting.py` run as users run them, on tiny checkpoints
+of the built-in config."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import losses
+import utils
+from configs.builtin import ve_ncsnpp_small
+from models import utils as mutils
+from models.ema import ExponentialMovingAverage
+from models.subspace_model import subspace_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/builtin/ve_ncsnpp_small.py"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[int, Path]:
+    """Freshly initialised (untrained) checkpoints at sizes 32, 16 and 8, published format."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    config = ve_ncsnpp_small.get_config()
+    config.device = torch.device("cpu")
+    config.model.num_scales = 6  # the networks hold a buffer of num_scales noise levels
+    paths = {}
+    torch.manual_seed(0)
+    for cfg in [config] + subspace_configs(config, (16, 8)):
+        model = mutils.create_model(cfg)
+        state = dict(optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
+                     ema=ExponentialMovingAverage(model.parameters(), decay=cfg.model.ema_rate),
+                     step=0)
+        paths[cfg.data.image_size] = folder / f"checkpoint_{cfg.data.image_size}.pth"
+        utils.save_checkpoint(paths[cfg.data.image_size], state)
+    return paths
+
+
+def run_cli(*args: str, script: str = "subspace_sample.py") -> subprocess.CompletedProcess:
+    command = [sys.executable, script, "--config", CONFIG,
+               "--config.model.num_scales", "6", "--progress=false", *args]
+    # One intra-op thread: tiny networks, and the machine running the tests is shared.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
+    common = ["--subspace", "16,8", "--time", "0.5,0.6", "--langevin_snr", "0.22",
+              "--ckpt_subspace", f"{checkpoints[16]},{checkpoints[8]}",
+              "--ckpt_full", str(checkpoints[32]), "--eval_folder", str(tmp_path), "--batch", "2"]
+    first = run_cli(*common, "--save_name", "run", "--number_samples", "2")
+    assert first.returncode == 0, first.stderr
+    saved = np.load(tmp_path / "run.npy")
+    assert saved.shape == (2, 32, 32, 3) and saved.dtype == np.uint8
+    table = first.stdout.splitlines()
+    rows = {int(line.split()[0]): line.split() for line in table if line.split()[:1]
+            and line.split()[0].isdigit()}
+    # N = 6 steps split over the windows [1, 0.6], [0.6, 0.5], [0.5, eps]; reverse diffusion +
+    # Langevin corrector = 2 evaluations per step, plus 2 conditional Langevin steps per switch.
+    assert sorted(rows) == [8, 16, 32]
+    assert sum(int(rows[s][-4]) for s in rows) == 6
+    assert int(rows[32][-3]) == 2 * int(rows[32][-4]) + 2
+
+    # Resume: ask for 4 samples; the 2 saved ones are kept and 2 more are drawn, exactly as an
+    # uninterrupted run draws them (each round is seeded by seed + round).
+    resumed = run_cli(*common, "--save_name", "run", "--number_samples", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = run_cli(*common, "--save_name", "fresh", "--number_samples", "4")
+    assert fresh.returncode == 0, fresh.stderr
+    after = np.load(tmp_path / "run.npy")
+    assert after.shape == (4, 32, 32, 3)
+    np.testing.assert_array_equal(after[:2], saved)
+    np.testing.assert_array_equal(after, np.load(tmp_path / "fresh.npy"))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_input_is_one_sentence(checkpoints, tmp_path):
+    result = run_cli("--subspace", "16,8", "--time", "0.5,0.6", "--ckpt_subspace",
+                     str(checkpoints[16]), "--ckpt_full", str(checkpoints[32]),
+                     "--eval_folder", str(tmp_path), "--save_name", "x")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: Got 2 subspace sizes [16, 8] but 1 --ckpt_subspace files: give one per size, "
+        "same order.")
+    result = run_cli("--subspace", "16", "--time", "0.5", "--ckpt_subspace", str(checkpoints[16]),
+                     "--ckpt_full", str(checkpoints[32]), "--dataset", "mnist",
+                     "--eval_folder", str(tmp_path), "--save_name", "x")
+    assert result.returncode == 1
+    assert "python -m analysis.rmsd" in result.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_inpainting_grid_over_cutoff_times(checkpoints, tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "out.png"
+    result = run_cli("--image_path", str(image), "--batch_size", "2", "--subspace", "16",
+                     "--checkpoint_subspace", str(checkpoints[16]),
+                     "--checkpoint_full", str(checkpoints[32]), script="subspace_inpainting.py")
+    assert result.returncode == 0, result.stderr
+    # 2 rows (images) x 8 columns (original, masked, cutoffs 0, 0.2, ..., 1) of 32x32 tiles
+    # with 2-pixel padding.
+    with Image.open(image) as grid:
+        assert grid.size == (8 * 34 + 2, 2 * 34 + 2)
+    lines = result.stdout.splitlines()
+    # N = 6 steps of predictor + corrector: 12 evaluations, split by the cutoff.
+    assert "cutoff 0: full network 0, 16x16 network 12 evaluations" in lines
+    assert "cutoff 1: full network 12, 16x16 network 0 evaluations" in lines
+    assert "cutoff 0.4: full network 4, 16x16 network 8 evaluations" in lines
+
+
+def test_load_subspace_model_for_notebooks(checkpoints):
+    import sde_lib
+    from models.subspace_model import load_subspace_model
+
+    config = ve_ncsnpp_small.get_config()
+    config.device = torch.device("cpu")
+    config.model.num_scales = 6
+    model = load_subspace_model(config, checkpoints[32], [checkpoints[16], checkpoints[8]],
+                                "16,8", "0.5,0.6")
+    assert model.plan.rmsds == (0.03747933962267894, 0.05261084821932425)  # builtin statistics
+    assert not model.training
+    sde, _ = sde_lib.get_sde(config)
+    score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+    with torch.no_grad():
+        out = score_fn(torch.rand(3, 3, 32, 32), torch.tensor([0.2, 0.55, 0.9]))
+    assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
+    assert (model.nfe_full, model.nfe_subspace) == (1, [1, 1])
+    with pytest.raises(ValueError, match="give one --ckpt_subspace per size"):
+        load_subspace_model(config, checkpoints[32], [checkpoints[16]], "16,8", "0.5,0.6")
