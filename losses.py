@@ -25,15 +25,15 @@ def get_optimizer(config, params: Iterable[torch.Tensor]) -> optim.Optimizer:
 
 def optimization_manager(config) -> Callable:
     """An `optimize_fn(optimizer, params, step, lr, warmup, grad_clip)` that sets the learning rate
-    to lr * min(step / warmup, 1) when warmup > 0, clips the gradient norm to grad_clip when
+    to lr * min(step / warmup, 1) (lr itself when warmup is 0), clips the gradient norm to grad_clip when
     grad_clip >= 0, and takes one optimizer step. Defaults come from `config.optim`."""
 
     def optimize_fn(optimizer: optim.Optimizer, params: Iterable[torch.Tensor], step: int,
                     lr: float = config.optim.lr, warmup: int = config.optim.warmup,
                     grad_clip: float = config.optim.grad_clip) -> None:
-        if warmup > 0:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(step / warmup, 1.0)
+        # Always set the rate, so a resumed optimizer follows the config, not the checkpoint.
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(step / warmup, 1.0) if warmup > 0 else lr
         if grad_clip >= 0:
             torch.nn.utils.clip_grad_norm_(list(params), max_norm=grad_clip)
         optimizer.step()
