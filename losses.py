@@ -25,8 +25,8 @@ def get_optimizer(config, params: Iterable[torch.Tensor]) -> optim.Optimizer:
 
 def optimization_manager(config) -> Callable:
     """An `optimize_fn(optimizer, params, step, lr, warmup, grad_clip)` that sets the learning rate
-    to lr * min(step / warmup, 1) (lr itself when warmup is 0), clips the gradient norm to grad_clip when
-    grad_clip >= 0, and takes one optimizer step. Defaults come from `config.optim`."""
+    to lr * min(step / warmup, 1) (lr itself when warmup is 0), clips the gradient norm to
+    grad_clip when grad_clip >= 0, and takes one optimizer step. Defaults from `config.optim`."""
 
     def optimize_fn(optimizer: optim.Optimizer, params: Iterable[torch.Tensor], step: int,
                     lr: float = config.optim.lr, warmup: int = config.optim.warmup,
