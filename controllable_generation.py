@@ -15,8 +15,14 @@ from tqdm.auto import tqdm
 
 import sde_lib
 from models import utils as mutils
-from sampling import NoneCorrector, NonePredictor, _resolve, get_corrector, get_predictor
-from sde_lib import _batch_broadcast as batch_broadcast
+from sampling import (
+    NoneCorrector,
+    NonePredictor,
+    get_corrector,
+    get_predictor,
+    resolve_update_class,
+)
+from sde_lib import batch_broadcast
 
 # Known part of the state from its noise-free mean, noisy state and time: (x, x_mean, t) -> both.
 Impose = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -26,9 +32,10 @@ def _conditional_pc_loop(score_fn, sde: sde_lib.SDE, x: torch.Tensor, predictor,
                          snr: float, n_steps: int, probability_flow: bool, eps: float,
                          impose: Impose, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The PC loop over linspace(T, eps, N) with `impose` applied after every update."""
-    predictor_obj = _resolve(predictor, get_predictor, NonePredictor)(sde, score_fn,
-                                                                      probability_flow)
-    corrector_obj = _resolve(corrector, get_corrector, NoneCorrector)(sde, score_fn, snr, n_steps)
+    predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
+    corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
+    predictor_obj = predictor_cls(sde, score_fn, probability_flow)
+    corrector_obj = corrector_cls(sde, score_fn, snr, n_steps)
     x_mean = x
     for t in tqdm(torch.linspace(sde.T, eps, sde.N, device=x.device), disable=not progress,
                   leave=False):

@@ -10,8 +10,7 @@ import torch.optim as optim
 
 import sde_lib
 from models import utils as mutils
-from sde_lib import VESDE, VPSDE, subVPSDE
-from sde_lib import _batch_broadcast as batch_broadcast
+from sde_lib import VESDE, VPSDE, batch_broadcast, subVPSDE
 
 
 def get_optimizer(config, params: Iterable[torch.Tensor]) -> optim.Optimizer:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import sde_lib
 from models import utils as mutils
-from sde_lib import _batch_broadcast as batch_broadcast
+from sde_lib import batch_broadcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -197,7 +197,7 @@ class NonePredictor(Predictor):
 # Correctors
 
 
-def _langevin_alpha(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
+def langevin_step_factor(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
     """Step-size factor of the Langevin correctors: alpha_i = 1 - beta_i for VP/sub-VP, else 1."""
     if isinstance(sde, sde_lib.VPSDE):
         return sde.alphas.to(t.device)[_discrete_index(sde, t)]
@@ -216,7 +216,7 @@ class LangevinCorrector(Corrector):
                 f"The Langevin corrector does not support {sde.__class__.__name__}.")
 
     def update_fn(self, x, t):
-        alpha = _langevin_alpha(self.sde, t)
+        alpha = langevin_step_factor(self.sde, t)
         x_mean = x
         for _ in range(self.n_steps):
             grad = self.score_fn(x, t)
@@ -240,7 +240,7 @@ class AnnealedLangevinDynamics(Corrector):
                 f"Annealed Langevin dynamics does not support {sde.__class__.__name__}.")
 
     def update_fn(self, x, t):
-        alpha = _langevin_alpha(self.sde, t)
+        alpha = langevin_step_factor(self.sde, t)
         std = self.sde.marginal_prob(x, t)[1]
         step_size = (self.snr * std) ** 2 * 2 * alpha
         x_mean = x
@@ -266,7 +266,8 @@ class NoneCorrector(Corrector):
         return x, x
 
 
-def _resolve(kind, registry_get, none_cls):
+def resolve_update_class(kind, registry_get, none_cls):
+    """The predictor/corrector class for `kind`: a class, a registered name, or None (no-op)."""
     if kind is None:
         return none_cls
     if isinstance(kind, str):
@@ -280,7 +281,7 @@ def shared_predictor_update_fn(x: torch.Tensor, t: torch.Tensor, sde: sde_lib.SD
     """One predictor step with the score of `model` (or `score_fn` when given)."""
     if score_fn is None:
         score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
-    predictor_cls = _resolve(predictor, get_predictor, NonePredictor)
+    predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
     return predictor_cls(sde, score_fn, probability_flow).update_fn(x, t)
 
 
@@ -290,7 +291,7 @@ def shared_corrector_update_fn(x: torch.Tensor, t: torch.Tensor, sde: sde_lib.SD
     """One corrector update with the score of `model` (or `score_fn` when given)."""
     if score_fn is None:
         score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
-    corrector_cls = _resolve(corrector, get_corrector, NoneCorrector)
+    corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
     return corrector_cls(sde, score_fn, snr, n_steps).update_fn(x, t)
 
 
@@ -376,8 +377,8 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
     state (its noise-free mean when `denoise`), the noise-free mean, and the number of score
     evaluations.
     """
-    predictor_cls = _resolve(predictor, get_predictor, NonePredictor)
-    corrector_cls = _resolve(corrector, get_corrector, NoneCorrector)
+    predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
+    corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
     counted = _CountingScore(score_fn)
     predictor_obj = predictor_cls(sde, counted, probability_flow)
     corrector_obj = corrector_cls(sde, counted, snr, n_steps_each)

@@ -16,7 +16,7 @@ import torch
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _batch_broadcast(coefficient: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def batch_broadcast(coefficient: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-example coefficient of shape [B] so that it broadcasts against x."""
     return coefficient.reshape(coefficient.shape + (1,) * (x.dim() - coefficient.dim()))
 
@@ -47,7 +47,7 @@ class SDE(abc.ABC):
 
     def marginal_prob(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean alpha(t) x_0 and std sigma(t) of p_t(x_t | x_0)."""
-        return _batch_broadcast(self.alpha(t), x) * x, self.sigma(t)
+        return batch_broadcast(self.alpha(t), x) * x, self.sigma(t)
 
     @abc.abstractmethod
     def prior_sampling(self, shape) -> torch.Tensor:
@@ -97,13 +97,13 @@ class ReverseSDE(SDE):
     def sde(self, x, t):
         drift, diffusion = self.forward_sde.sde(x, t)
         score = self.score_fn(x, t)
-        drift = drift - _batch_broadcast(diffusion, x) ** 2 * score * self._weight()
+        drift = drift - batch_broadcast(diffusion, x) ** 2 * score * self._weight()
         diffusion = torch.zeros_like(diffusion) if self.probability_flow else diffusion
         return drift, diffusion
 
     def discretize(self, x, t):
         f, G = self.forward_sde.discretize(x, t)
-        rev_f = f - _batch_broadcast(G, x) ** 2 * self.score_fn(x, t) * self._weight()
+        rev_f = f - batch_broadcast(G, x) ** 2 * self.score_fn(x, t) * self._weight()
         rev_G = torch.zeros_like(G) if self.probability_flow else G
         return rev_f, rev_G
 
@@ -165,7 +165,7 @@ class VPSDE(SDE):
 
     def sde(self, x, t):
         beta_t = self.beta(t)
-        drift = -0.5 * _batch_broadcast(beta_t, x) * x
+        drift = -0.5 * batch_broadcast(beta_t, x) * x
         return drift, torch.sqrt(beta_t)
 
     def prior_sampling(self, shape):
@@ -187,7 +187,7 @@ class VPSDE(SDE):
         timestep = (t * (self.N - 1) / self.T).long()
         beta = self.discrete_betas.to(x.device)[timestep]
         alpha = self.alphas.to(x.device)[timestep]
-        f = _batch_broadcast(torch.sqrt(alpha), x) * x - x
+        f = batch_broadcast(torch.sqrt(alpha), x) * x - x
         return f, torch.sqrt(beta)
 
 
@@ -199,7 +199,7 @@ class subVPSDE(VPSDE):
 
     def sde(self, x, t):
         beta_t = self.beta(t)
-        drift = -0.5 * _batch_broadcast(beta_t, x) * x
+        drift = -0.5 * batch_broadcast(beta_t, x) * x
         discount = 1.0 - torch.exp(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
         return drift, torch.sqrt(beta_t * discount)
 

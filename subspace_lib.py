@@ -99,7 +99,7 @@ _DATASET_ALIASES = {
     "builtin": "builtin",
 }
 
-RMSD_COMMAND = "python -m analysis.rmsd --config <config> --subspace downsample"
+RMSD_COMMAND = "python -m analysis.rmsd --config <config> --methods downsample"
 
 
 def canonical_dataset_name(name: str) -> str:

@@ -20,8 +20,8 @@ import torch.nn as nn
 import sde_lib
 import subspace_lib as sl
 from models import utils as mutils
-from sampling import _langevin_alpha, pc_sample_window, window_step_counts, window_timesteps
-from sde_lib import _batch_broadcast as batch_broadcast
+from sampling import langevin_step_factor, pc_sample_window, window_step_counts, window_timesteps
+from sde_lib import batch_broadcast
 from upsampling import upsample_level
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,7 +53,7 @@ def conditional_langevin(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t
     Returns the state and its noise-free mean.
     """
     if alpha is None:
-        alpha = _langevin_alpha(sde, t)
+        alpha = langevin_step_factor(sde, t)
     x_mean = x
     for _ in range(n_steps):
         grad = score_fn(x, t)

@@ -1,0 +1,61 @@
+"""The analysis notebooks execute headlessly on the built-in data and write their outputs."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _execute(name, tmp_path, monkeypatch, **env):
+    monkeypatch.setenv("SUBSPACE_OUT", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    notebook = nbformat.read(ROOT / "analysis" / name, as_version=4)
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT / "analysis")}})
+    client.execute()
+    return notebook
+
+
+def test_subspace_notebook(tmp_path, monkeypatch):
+    notebook = _execute("subspace.ipynb", tmp_path, monkeypatch, SUBSPACE_MAX_IMAGES=120)
+    table = json.loads((tmp_path / "rmsd_builtin_32.json").read_text())
+    assert table["num_images"] == 120 and set(table["rmsd"]) == {"downsample", "pca", "patch_pca"}
+    assert table["rmsd"]["pca"]["16"] is None  # 768 components from 120 images
+    assert 0 < table["rmsd"]["pca"]["4"] < table["rmsd"]["downsample"]["4"]
+    assert (tmp_path / "rmsd_builtin_32.png").read_bytes()[:4] == b"\x89PNG"
+    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code"
+                      for o in c.outputs)
+    assert "distance to the mean" in outputs and "8 ->  16" in outputs
+
+
+@pytest.fixture
+def ve_checkpoint(tmp_path_factory):
+    import run_lib
+    import utils
+    from configs.builtin import ve_ncsnpp_small
+
+    config = ve_ncsnpp_small.get_config()
+    torch.manual_seed(0)
+    state = run_lib.create_train_state(config, torch.device("cpu"))
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_1.pth"
+    utils.save_checkpoint(path, state)
+    return path
+
+
+def test_divergence_notebook(tmp_path, monkeypatch, ve_checkpoint):
+    _execute("divergence.ipynb", tmp_path, monkeypatch, SUBSPACE_CHECKPOINT=ve_checkpoint,
+             SUBSPACE_NUM_IMAGES=8, SUBSPACE_NUM_TIMES=3)
+    data = json.loads((tmp_path / "divergence_builtin_32.json").read_text())
+    assert set(data) == {"16", "8"}
+    assert data["8"]["t"] == [0.0] * 8 + [0.5] * 8 + [1.0] * 8
+    assert all(math.isfinite(v) for v in data["16"]["err_norm"])
+    cut = json.loads((tmp_path / "cutoffs_builtin_32.json").read_text())
+    assert set(cut["cutoffs"]) == {"16", "8"}
+    assert (tmp_path / "divergence_builtin_32.png").read_bytes()[:4] == b"\x89PNG"
