@@ -12,7 +12,9 @@ if str(ROOT) not in sys.path:
 
 REFERENCE = Path(os.environ.get("SUBSPACE_REFERENCE", ROOT.parent / "shared" / "reference"))
 
-torch.set_num_threads(2)
+# The tests run thousands of operations on tiny tensors, where intra-op threads only add
+# hand-off stalls (up to 25x slower on a loaded 2-core machine): one thread for the whole suite.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

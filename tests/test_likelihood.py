@@ -17,15 +17,6 @@ from models.utils import get_score_fn
 EPS = 1e-5  # likelihood integrates from 1e-5, as the reference code does
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors on a loaded machine: one intra-op thread avoids synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _centered_inverse_scaler(x):
     return (x + 1.0) / 2.0
 

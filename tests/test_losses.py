@@ -15,15 +15,6 @@ from models.utils import get_score_fn
 SHAPE = (6, 1, 4, 4)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors on a loaded machine: one intra-op thread avoids synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyScoreNet(nn.Module):
     """A small real conv net conditioned on its label through a sinusoidal embedding."""
 

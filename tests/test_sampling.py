@@ -23,16 +23,6 @@ SDES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These loops run thousands of ops on tensors of a few hundred elements: on a loaded machine
-    intra-op threads only add synchronisation stalls, so run them on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianScoreNet(nn.Module):
     """Exact score of N(mu, diag(std^2)) data diffused by `sde`, in the network convention:
     VE returns the score, VP/sub-VP return -sigma(t) * score; labels map back to t through

@@ -15,16 +15,6 @@ import subspace_lib as sl
 from models.subspace_model import SubspaceScore
 from models.utils import get_score_fn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids the thread hand-off cost on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CHANNELS, SIZE = 2, 8
 
 

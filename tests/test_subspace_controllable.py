@@ -22,15 +22,6 @@ SETUPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids the thread hand-off cost on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def draw(data: NestedGaussianData, batch: int, gen: torch.Generator) -> torch.Tensor:
     """Samples of the (scaled) data x = a u + b."""
     mean = data.a * data.mean_u + data.b

@@ -26,16 +26,6 @@ from subspace_sampling import (
     subspace_pc_sample,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids the thread hand-off cost on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 SETUPS = {
     # name: (sde factory, centered, predictor, corrector, snr, eps)
     "ve": (lambda n: sde_lib.VESDE(0.01, 50, n), False, "reverse_diffusion", "langevin", 0.16,
