@@ -11,11 +11,11 @@ is used. The config (default: LSUN Church) gives the sampler settings and the da
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 from absl import app, flags
 from ml_collections.config_flags import config_flags
+
+from utils import run_entry_point
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -107,15 +107,7 @@ def run(config) -> None:
 
 def main(argv) -> None:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        run(FLAGS.config)
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        if os.environ.get("SUBSPACE_DEBUG"):
-            raise
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    run_entry_point(run, FLAGS.config)
 
 
 if __name__ == "__main__":

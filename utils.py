@@ -393,3 +393,30 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     grid = make_image_grid(images, nrow, padding)
     with atomic_write(path, "wb") as handle:
         Image.fromarray(grid).save(handle, format=image_format)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry scripts: bad input is one sentence and a non-zero exit, never a traceback.
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
+
+
+def run_entry_point(body, *args, **kwargs) -> None:
+    """Run an entry script's `body(*args, **kwargs)`; a user error (ValueError, KeyError,
+    FileNotFoundError, including checkpoint errors) becomes `error: <sentence>` on stderr and exit
+    status 1. Set SUBSPACE_DEBUG=1 to see the traceback instead."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        body(*args, **kwargs)
+    except USER_ERRORS as error:
+        if os.environ.get("SUBSPACE_DEBUG"):
+            raise
+        message = error.args[0] if error.args else repr(error)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)

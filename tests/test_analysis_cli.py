@@ -2,6 +2,7 @@
 `python -m analysis.divergence` (run as subprocesses, as a user would)."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ SUBVP_CONFIG = "configs/builtin/subvp_ddpmpp_small.py"
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", *args, "--noprogress"], cwd=ROOT,
+    # One intra-op thread, as the test process (conftest), so results agree to the last bit.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", *args, "--noprogress"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
