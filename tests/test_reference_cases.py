@@ -7,45 +7,20 @@ index: max|ours - expected| <= 1e-5 * max|expected|, with a 1e-6 absolute floor 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from reference_cases import CASES, case_config, expected
 
 import sde_lib
 import utils
 from models import utils as mutils
 from models.ema import ExponentialMovingAverage
 
-CASES = ["case_ve_ncsnpp", "case_subvp_ddpmpp"]
 RELATIVE_TOL = 1e-5
 SDE_FLOOR = 1e-6
 FULL, SUB = "full", "subspace"
-
-
-def _tuples(value):
-    """JSON lists back to the tuples the original config files use."""
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def case_config(case_dir: Path, image_size: int):
-    """The case's config.json as an ml_collections.ConfigDict, at `image_size`, on the CPU."""
-    import ml_collections
-
-    config = ml_collections.ConfigDict(_tuples(json.loads((case_dir / "config.json").read_text())))
-    config.data.image_size = image_size
-    config.device = "cpu"
-    return config
-
-
-@functools.cache
-def expected(case_dir: Path) -> dict:
-    return torch.load(case_dir / "expected.pt", weights_only=True)
 
 
 @functools.cache

@@ -12,36 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_cases import CASES, case_config, expected
 
 import sde_lib
 import utils
 from models import utils as mutils
 from models.subspace_model import build_subspace_model, subspace_configs
 
-CASES = ["case_ve_ncsnpp", "case_subvp_ddpmpp"]
 RELATIVE_TOL = 1e-5
 LEVEL_OF_BRANCH = {"full": 0, "subspace": 1}
 
 
-def _tuples(value):
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-@functools.cache
-def _expected(case_dir: Path) -> dict:
-    return torch.load(case_dir / "expected.pt", weights_only=True)
-
-
 @functools.cache
 def _networks(case_dir: Path):
-    import ml_collections
-
-    config = ml_collections.ConfigDict(_tuples(json.loads((case_dir / "config.json").read_text())))
-    config.device = "cpu"
+    config = case_config(case_dir)
     meta = json.loads((case_dir / "meta.json").read_text())
     (sub_config,) = subspace_configs(config, [meta["subspace_image_size"]])
     full = utils.load_model_weights(mutils.create_model(config), case_dir / "checkpoint_full.pth")
@@ -73,7 +57,7 @@ def case_dir(request, reference_dir) -> Path:
 
 @torch.no_grad()
 def test_wrapper_matches_reference_at_every_t(case_dir):
-    e = _expected(case_dir)
+    e = expected(case_dir)
     sde, model, score_fn = _wrapper(case_dir, legacy=False)
     x = e["x"].contiguous()
     for i in range(len(e["t_values"])):
@@ -86,7 +70,7 @@ def test_wrapper_matches_reference_at_every_t(case_dir):
 
 @torch.no_grad()
 def test_wrapper_boundary_goes_to_full_model(case_dir):
-    e = _expected(case_dir)
+    e = expected(case_dir)
     sde, model, score_fn = _wrapper(case_dir, legacy=False)
     assert e["wrapper_branch_boundary"] == "full"
     assert model.route(sde.time_to_label(e["boundary_vec_t"])).tolist() == [0] * 4
@@ -96,7 +80,7 @@ def test_wrapper_boundary_goes_to_full_model(case_dir):
 
 @torch.no_grad()
 def test_legacy_batch_routing_reproduces_mixed_vectors_and_counters(case_dir):
-    e = _expected(case_dir)
+    e = expected(case_dir)
     _, legacy, legacy_fn = _wrapper(case_dir, legacy=True)
     _, _, score_fn = _wrapper(case_dir, legacy=False)
     x = e["x"].contiguous()
