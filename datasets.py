@@ -23,7 +23,8 @@ Backends, chosen by `config.data.dataset`:
 Training iterators repeat forever and reshuffle every epoch; evaluation iterators
 (`evaluation=True`) make one pass over every image (the last batch may be smaller). Shuffling,
 random flips and dequantization noise are seeded by `config.seed`, so iterating a dataset twice
-gives the same batches.
+gives the same batches. Under torchrun, `get_dataset(..., shard=(rank, world_size))` returns one
+rank's part of every batch (see `get_dataset`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distributed import check_shard, per_rank_batch_size, rank_positions
 from subspace_lib import downsample, num_halvings, scaler_coefficients
 
 # Side of the images each named dataset is decoded to before any subspace downsampling.
@@ -92,8 +94,19 @@ class BatchTransform:
     uniform_dequantization: bool
 
     def __call__(self, images: np.ndarray, labels: np.ndarray | None,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """`images`: NHWC uint8 (0..255) or float (0..1) at the native size."""
+                 generator: torch.Generator, positions: np.ndarray | None = None,
+                 total: int | None = None) -> dict[str, torch.Tensor]:
+        """`images`: NHWC uint8 (0..255) or float (0..1) at the native size.
+
+        With `positions`, the images are the items at those positions of a batch of `total`
+        split across ranks: random draws are made for the whole batch and the rows of
+        `positions` kept, so the ranks' parts together equal the unsplit batch.
+        """
+        def uniform(shape: tuple[int, ...]) -> torch.Tensor:
+            if positions is None:
+                return torch.rand(shape, generator=generator)
+            return torch.rand((total, *shape[1:]), generator=generator)[torch.as_tensor(positions)]
+
         x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2)
         if x.dtype == torch.uint8:
             levels = x.float()
@@ -102,13 +115,13 @@ class BatchTransform:
             x = x.float()
             levels = x * 255.0
         if self.uniform_dequantization:
-            x = (levels + torch.rand(levels.shape, generator=generator)) / 256.0
+            x = (levels + uniform(tuple(levels.shape))) / 256.0
         height, width = x.shape[-2:]
         if height != width:
             raise ValueError(f"Images must be square; got {height}x{width}.")
         x = downsample(x, _halvings(width, self.image_size))
         if self.random_flip:
-            flip = torch.rand(x.shape[0], generator=generator) < 0.5
+            flip = uniform((x.shape[0],)) < 0.5
             x[flip] = x[flip].flip(-1)
         batch = {"image": x.contiguous()}
         if labels is not None:
@@ -128,9 +141,12 @@ def _halvings(native: int, image_size: int, dataset: str = "the dataset") -> int
     return num_halvings(native, image_size)
 
 
-def _split_seeds(seed: int, split: int) -> tuple[np.random.Generator, torch.Generator]:
-    """Independent NumPy and torch generators for one split of a run seeded with `seed`."""
-    sequence = np.random.SeedSequence([int(seed) % 2**32, split])
+def _split_seeds(seed: int, split: int,
+                 rank: int = 0) -> tuple[np.random.Generator, torch.Generator]:
+    """Independent NumPy and torch generators for one split of a run seeded with `seed` (and,
+    for the TFDS shards of ranks other than 0, for one rank)."""
+    entropy = [int(seed) % 2**32, split] + ([rank] if rank else [])
+    sequence = np.random.SeedSequence(entropy)
     torch_gen = torch.Generator().manual_seed(int(sequence.generate_state(1, np.uint64)[0]) >> 1)
     return np.random.default_rng(sequence), torch_gen
 
@@ -187,19 +203,26 @@ class ImageFileSource:
 
 
 class ImageBatches:
-    """Re-iterable of batches from a local source, seeded, optionally repeating forever."""
+    """Re-iterable of batches from a local source, seeded, optionally repeating forever.
+
+    With `shard=(rank, world_size)`, every rank walks the same seeded sequence of global batches
+    of `batch_size` and yields the items at positions rank, rank + W, ... of each (ranks with no
+    item in a short last batch skip it): the ranks' batches partition the unsharded ones.
+    """
 
     def __init__(self, source, transform: BatchTransform, batch_size: int, *, repeat: bool,
-                 seed: int, split: int):
+                 seed: int, split: int, shard: tuple[int, int] | None = None):
         if len(source) == 0:
             raise ValueError(f"The {source.name} split has no images: check the data source.")
         self.source, self.transform, self.batch_size = source, transform, batch_size
         self.repeat, self.seed, self.split = repeat, seed, split
+        self.rank, self.world_size = check_shard(shard)
 
     def __len__(self) -> int:
         if self.repeat:
             raise TypeError("A training dataset repeats forever and has no length.")
-        return math.ceil(len(self.source) / self.batch_size)
+        full, rest = divmod(len(self.source), self.batch_size)
+        return full + (1 if rest > self.rank else 0)
 
     def _index_batches(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
         pending = np.empty(0, dtype=np.int64)
@@ -216,8 +239,15 @@ class ImageBatches:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng, generator = _split_seeds(self.seed, self.split)
         for idx in self._index_batches(rng):
-            images, labels = self.source.get(idx)
-            yield self.transform(images, labels, generator)
+            if self.world_size == 1:
+                images, labels = self.source.get(idx)
+                yield self.transform(images, labels, generator)
+                continue
+            positions = rank_positions(len(idx), self.rank, self.world_size)
+            if len(positions) == 0:
+                continue
+            images, labels = self.source.get(idx[positions])
+            yield self.transform(images, labels, generator, positions=positions, total=len(idx))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,17 +557,23 @@ def _parse_tfrecord(tf, record):
 class TFBatches:
     """Re-iterable of batches from a `tf.data` pipeline of native-size images."""
 
-    def __init__(self, tf_dataset, transform: BatchTransform, seed: int, split: int):
+    def __init__(self, tf_dataset, transform: BatchTransform, seed: int, split: int,
+                 rank: int = 0):
         self.tf_dataset, self.transform, self.seed, self.split = tf_dataset, transform, seed, split
+        self.rank = rank
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        _, generator = _split_seeds(self.seed, self.split)
+        _, generator = _split_seeds(self.seed, self.split, self.rank)
         for batch in self.tf_dataset.as_numpy_iterator():
             yield self.transform(batch["image"], batch.get("label"), generator)
 
 
 def _tf_pipeline(tf, ds, preprocess, *, batch_size: int, repeat: bool, seed: int,
-                 drop_remainder: bool):
+                 drop_remainder: bool, shard: tuple[int, int]):
+    rank, world = shard
+    if world > 1:
+        # Every rank reads the records in the same seeded order and keeps every world-th one.
+        ds = ds.shard(world, rank)
     ds = ds.repeat(None if repeat else 1)
     ds = ds.shuffle(SHUFFLE_BUFFER_SIZE, seed=seed)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
@@ -546,9 +582,9 @@ def _tf_pipeline(tf, ds, preprocess, *, batch_size: int, repeat: bool, seed: int
 
 
 def _tf_datasets(config, name: str, transform: BatchTransform, batch_size: int,
-                 evaluation: bool, seed: int):
+                 evaluation: bool, seed: int, shard: tuple[int, int]):
     options = {"batch_size": batch_size, "repeat": not evaluation,
-               "drop_remainder": not evaluation}
+               "drop_remainder": not evaluation, "shard": shard}
     if name in TFRECORD_DATASETS:
         tf, records = _tfrecord_dataset(config, name)
         # One file, no official split: training and evaluation read the same records.
@@ -571,7 +607,8 @@ def _tf_datasets(config, name: str, transform: BatchTransform, batch_size: int,
             read_config = tfds.ReadConfig(shuffle_seed=seed + split)
             ds = builder.as_dataset(split=split_name, shuffle_files=True, read_config=read_config)
             pipelines.append(_tf_pipeline(tf, ds, preprocess, seed=seed + split, **options))
-    train_ds, eval_ds = (TFBatches(p, transform, seed, split) for split, p in enumerate(pipelines))
+    train_ds, eval_ds = (TFBatches(p, transform, seed, split, rank=shard[0])
+                         for split, p in enumerate(pipelines))
     return train_ds, eval_ds, builder
 
 
@@ -614,7 +651,7 @@ def native_image_size(config) -> int:
 
 
 def get_dataset(config, uniform_dequantization: bool = False, evaluation: bool = False,
-                seed: int | None = None):
+                seed: int | None = None, shard: tuple[int, int] | None = None):
     """Training and evaluation batches of the configured dataset.
 
     Returns `(train_ds, eval_ds, dataset_builder)`: re-iterables of batch dicts (see the module
@@ -622,10 +659,22 @@ def get_dataset(config, uniform_dequantization: bool = False, evaluation: bool =
     and the TFDS builder, the TFRecord dataset, or a `LocalDataset` describing the local data.
     Shuffling, flips and dequantization noise are seeded by `seed` (default `config.seed`); a
     resumed training run can pass a different seed so as not to replay the same batches.
+
+    `shard=(rank, world_size)` (see `distributed.shard()`) gives one rank's part of the data,
+    with the same `seed` on every rank. Training batches then hold batch_size / world_size
+    images (an error when it does not divide). For NUMPY, FOLDER and BUILTIN data the rank takes
+    positions rank, rank + W, ... of every global batch, flips and dequantization noise included,
+    so the ranks' batches of a step together are exactly the single-process batch; evaluation
+    passes then cover every image once over all ranks. TFDS and TFRecord data keep every
+    world_size-th record (`tf.data.Dataset.shard`) in per-rank batches of
+    ceil(batch_size / world_size) for evaluation.
     """
     batch_size = int(config.eval.batch_size if evaluation else config.training.batch_size)
     if batch_size <= 0:
         raise ValueError(f"Batch size must be positive; got {batch_size}.")
+    rank, world = check_shard(shard)
+    if world > 1 and not evaluation:
+        per_rank_batch_size(batch_size, world)
     seed = int(config.seed if seed is None else seed)
     name = canonical_dataset(config)
     transform = BatchTransform(
@@ -633,10 +682,12 @@ def get_dataset(config, uniform_dequantization: bool = False, evaluation: bool =
         random_flip=bool(config.data.random_flip) and not evaluation,
         uniform_dequantization=bool(uniform_dequantization))
     if name not in LOCAL_DATASETS:
-        return _tf_datasets(config, name, transform, batch_size, evaluation, seed)
+        return _tf_datasets(config, name, transform, -(-batch_size // world), evaluation, seed,
+                            (rank, world))
     local = _local_dataset(config, name)
     _halvings(local.native_size, transform.image_size, local.name)
     train_ds, eval_ds = (
-        ImageBatches(source, transform, batch_size, repeat=not evaluation, seed=seed, split=split)
+        ImageBatches(source, transform, batch_size, repeat=not evaluation, seed=seed, split=split,
+                     shard=(rank, world))
         for split, source in enumerate((local.train, local.test)))
     return train_ds, eval_ds, local

@@ -2,7 +2,8 @@
 SMLD and DDPM losses, the Adam optimiser with warm-up and clipping, and the one-step function."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,6 +41,23 @@ def optimization_manager(config) -> Callable:
     return optimize_fn
 
 
+# One generator for the batch, or one per example (so a batch split across processes draws the
+# same values as the whole batch in one process).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _draw(sample: Callable, shape: tuple[int, ...], generator: Generators,
+          **kwargs) -> torch.Tensor:
+    """`sample(shape, generator=generator, **kwargs)`; with a sequence of generators, row i of
+    the result is drawn from generator i alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample(shape, generator=generator, **kwargs)
+    if len(generator) != shape[0]:
+        raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}: pass one "
+                         "generator per example, or a single generator.")
+    return torch.stack([sample(tuple(shape[1:]), generator=g, **kwargs) for g in generator])
+
+
 def _reduce_op(reduce_mean: bool) -> Callable:
     """Per-example reduction over data dimensions: mean, or half the sum."""
     if reduce_mean:
@@ -51,7 +69,8 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
                     continuous: bool = True, likelihood_weighting: bool = True,
                     eps: float = 1e-5) -> Callable:
     """Denoising score matching loss `loss_fn(model, batch, generator=None)` (Song et al. 2021,
-    eq. 7) with t ~ U(eps, T) and x_t = alpha(t) x_0 + sigma(t) z.
+    eq. 7) with t ~ U(eps, T) and x_t = alpha(t) x_0 + sigma(t) z. `generator` may also be a
+    sequence of one generator per example, which draws that example's t, then its z.
 
     Without likelihood weighting the weight is lambda(t) = sigma(t)^2, i.e. ||sigma s + z||^2;
     with it, lambda(t) = g(t)^2, i.e. g(t)^2 ||s + z / sigma||^2 (Song et al. 2021b).
@@ -59,11 +78,12 @@ def get_sde_loss_fn(sde: sde_lib.SDE, train: bool, reduce_mean: bool = True,
     reduce_op = _reduce_op(reduce_mean)
 
     def loss_fn(model: nn.Module, batch: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None) -> torch.Tensor:
         score_fn = mutils.get_score_fn(sde, model, train=train, continuous=continuous)
-        t = torch.rand(batch.shape[0], generator=generator, device=batch.device)
+        t = _draw(torch.rand, (batch.shape[0],), generator, device=batch.device)
         t = t * (sde.T - eps) + eps
-        z = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+        z = _draw(torch.randn, tuple(batch.shape), generator, device=batch.device,
+                  dtype=batch.dtype)
         mean, std = sde.marginal_prob(batch, t)
         std = batch_broadcast(std, batch)
         score = score_fn(mean + std * z, t)
@@ -88,13 +108,13 @@ def get_smld_loss_fn(vesde: VESDE, train: bool, reduce_mean: bool = False) -> Ca
     reduce_op = _reduce_op(reduce_mean)
 
     def loss_fn(model: nn.Module, batch: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None) -> torch.Tensor:
         model_fn = mutils.get_model_fn(model, train=train)
-        labels = torch.randint(0, vesde.N, (batch.shape[0],), generator=generator,
-                               device=batch.device)
+        labels = _draw(functools.partial(torch.randint, 0, vesde.N), (batch.shape[0],),
+                       generator, device=batch.device)
         sigmas = smld_sigma_array.to(batch.device)[labels]
-        noise = torch.randn(batch.shape, generator=generator, device=batch.device,
-                            dtype=batch.dtype) * batch_broadcast(sigmas, batch)
+        noise = _draw(torch.randn, tuple(batch.shape), generator, device=batch.device,
+                      dtype=batch.dtype) * batch_broadcast(sigmas, batch)
         score = model_fn(batch + noise, labels)
         target = -noise / batch_broadcast(sigmas**2, batch)
         losses = torch.square(score - target)
@@ -111,14 +131,14 @@ def get_ddpm_loss_fn(vpsde: VPSDE, train: bool, reduce_mean: bool = True) -> Cal
     reduce_op = _reduce_op(reduce_mean)
 
     def loss_fn(model: nn.Module, batch: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None) -> torch.Tensor:
         model_fn = mutils.get_model_fn(model, train=train)
-        labels = torch.randint(0, vpsde.N, (batch.shape[0],), generator=generator,
-                               device=batch.device)
+        labels = _draw(functools.partial(torch.randint, 0, vpsde.N), (batch.shape[0],),
+                       generator, device=batch.device)
         sqrt_alphas_cumprod = vpsde.sqrt_alphas_cumprod.to(batch.device)[labels]
         sqrt_1m_alphas_cumprod = vpsde.sqrt_1m_alphas_cumprod.to(batch.device)[labels]
-        noise = torch.randn(batch.shape, generator=generator, device=batch.device,
-                            dtype=batch.dtype)
+        noise = _draw(torch.randn, tuple(batch.shape), generator, device=batch.device,
+                      dtype=batch.dtype)
         perturbed = (batch_broadcast(sqrt_alphas_cumprod, batch) * batch
                      + batch_broadcast(sqrt_1m_alphas_cumprod, batch) * noise)
         losses = torch.square(model_fn(perturbed, labels) - noise)
@@ -130,7 +150,8 @@ def get_ddpm_loss_fn(vpsde: VPSDE, train: bool, reduce_mean: bool = True) -> Cal
 def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = None,
                 reduce_mean: bool = False, continuous: bool = True,
                 likelihood_weighting: bool = False) -> Callable:
-    """A function `step_fn(state, batch, generator=None) -> loss` for one training/eval step.
+    """A function `step_fn(state, batch, generator=None) -> loss` for one training/eval step
+    (`generator`: one generator, or one per example; see `get_sde_loss_fn`).
 
     `state` holds `model`, `optimizer`, `ema` (models.ema.ExponentialMovingAverage) and `step`.
     Training computes the loss, back-propagates, calls `optimize_fn` at the current step,
@@ -156,7 +177,7 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
                          "losses.optimization_manager(config).")
 
     def step_fn(state: dict, batch: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Generators = None) -> torch.Tensor:
         model = state["model"]
         if train:
             optimizer = state["optimizer"]

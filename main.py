@@ -1,4 +1,9 @@
-"""Entry point: `python main.py --config C --workdir W --mode train|eval|eval_subspace`."""
+"""Entry point: `python main.py --config C --workdir W --mode train|eval|eval_subspace`.
+
+Several GPUs or nodes: replace `python` by
+`torchrun --nproc_per_node=K [--nnodes=N --node_rank=I --master_addr=HOST --master_port=P]`;
+each process then takes one device and its share of the work (see `distributed.py`).
+"""
 from __future__ import annotations
 
 import logging
@@ -16,6 +21,8 @@ flags.DEFINE_string("workdir", None, "Working directory (checkpoints, samples, l
 flags.DEFINE_enum("mode", None, ["train", "eval", "eval_subspace"], "Running mode.")
 flags.DEFINE_string("eval_folder", "eval", "Folder name (inside workdir) for evaluation results.")
 flags.DEFINE_bool("progress", True, "Show progress bars.")
+flags.DEFINE_float("dist_timeout_minutes", 120.0, "Under torchrun: how long a rank waits for the "
+                   "others in a collective operation before the run fails.")
 # Subspace evaluation (`--mode eval_subspace`), with the original spellings.
 flags.DEFINE_string("subspace", None, "Subspace size(s), e.g. 16 or 16,8.")
 flags.DEFINE_string("time", None, "Cutoff time(s), one per subspace size, e.g. 0.5 or 0.5,0.6.")
@@ -35,9 +42,20 @@ class UsageError(ValueError):
 
 def _run(argv) -> None:
     del argv
+    import distributed
     import run_lib  # imported here so that --help works without loading torch
 
     config = FLAGS.config
+    if distributed.launched():
+        config.device = distributed.setup(config.device,
+                                          timeout_minutes=FLAGS.dist_timeout_minutes)
+    try:
+        _dispatch(config, run_lib)
+    finally:
+        distributed.teardown()
+
+
+def _dispatch(config, run_lib) -> None:
     if FLAGS.mode == "train":
         run_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
     elif FLAGS.mode == "eval":
@@ -59,7 +77,10 @@ def _run(argv) -> None:
 
 
 def main(argv) -> None:
+    # Under torchrun only rank 0 reports progress; the other ranks log warnings and errors.
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(logging.WARNING)
     import run_lib
 
     try:

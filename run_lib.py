@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 import datasets
+import distributed
 import losses
 import sampling
 import sde_lib
@@ -33,9 +34,24 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(config) -> torch.device:
-    """`config.device` when set, else CUDA when present, else CPU."""
+    """`config.device` when set, else CUDA when present, else CPU. Under torchrun, joins the
+    process group (unless the entry script did) and a CUDA device becomes this rank's GPU."""
     device = getattr(config, "device", None)
-    return torch.device(device) if device is not None else mutils.default_device()
+    device = torch.device(device) if device is not None else mutils.default_device()
+    return distributed.setup(device)
+
+
+def example_generators(seed: int, step: int, positions: np.ndarray,
+                       device: torch.device) -> list[torch.Generator]:
+    """One generator per example of training step `step`, keyed by (seed, step, position of the
+    example in the global batch): the noise and time an example draws in the loss do not depend
+    on how the batch is split across processes, nor on whether the run was resumed."""
+    generators = []
+    for position in positions:
+        words = np.random.SeedSequence([int(seed) % 2**64, int(step), int(position)])
+        high, low = (int(w) for w in words.generate_state(2, np.uint32))
+        generators.append(torch.Generator(device=device).manual_seed((high << 32 | low) >> 1))
+    return generators
 
 
 def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
@@ -91,29 +107,52 @@ def _snapshot_samples(sampling_fn, state, step: int, sample_dir: Path) -> None:
 
 def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     """Train a score model as the original `run_lib.train`, resuming from the preemption
-    checkpoint in `workdir` when there is one. Returns the final training state."""
+    checkpoint in `workdir` when there is one. Returns the final training state.
+
+    Under torchrun every rank trains a DistributedDataParallel copy on its part of each global
+    batch of `config.training.batch_size`, drawing each example's noise and time from a
+    generator keyed by its position in the global batch (`example_generators`), so K processes
+    take the steps one process would. Rank 0 alone logs and writes checkpoints (same format);
+    every rank resumes from the same checkpoint, so `workdir` must be on a filesystem that all
+    nodes share.
+    """
     from tqdm.auto import tqdm
 
-    paths = _paths(workdir)
-    for key in ("samples", "tensorboard", "checkpoints"):
-        paths[key].mkdir(parents=True, exist_ok=True)
-    set_seed(config.seed)
     device = resolve_device(config)
+    rank, world = distributed.shard()
+    main = rank == 0
+    progress = progress and main
+    paths = _paths(workdir)
+    if main:
+        for key in ("samples", "tensorboard", "checkpoints"):
+            paths[key].mkdir(parents=True, exist_ok=True)
+    distributed.per_rank_batch_size(config.training.batch_size, world)
+    set_seed(config.seed)
     state = create_train_state(config, device)
-    state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
+    if main or paths["meta"].is_file():
+        state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
     initial_step = int(state["step"])
+    distributed.check_same_on_all_ranks(
+        initial_step, f"the training step restored from {paths['meta']}",
+        "put the workdir on a filesystem that every node shares")
     if initial_step > 0:
         logger.info("Resuming training from step %d (%s).", initial_step, paths["meta"])
-        # A resumed run must not replay the data and noise of the steps already taken.
-        set_seed(config.seed + initial_step)
+    if initial_step > 0 or rank > 0:
+        # A resumed run must not replay the data and noise of the steps already taken, and
+        # ranks must not share their random draws (dropout, evaluation noise).
+        set_seed(distributed.rank_seed(config.seed + initial_step, rank))
+    network = state["model"]
+    state["model"] = distributed.wrap_model(network, device)
 
+    # Every rank uses the same data seed: the ranks split each global batch between them.
     train_ds, eval_ds, _ = datasets.get_dataset(
         config, uniform_dequantization=config.data.uniform_dequantization,
-        seed=config.seed + initial_step)
+        seed=config.seed + initial_step, shard=(rank, world))
     train_iter = _iterate_forever(train_ds)
     eval_iter = _iterate_forever(eval_ds)
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
+    positions = distributed.rank_positions(config.training.batch_size, rank, world)
 
     sde, sampling_eps = sde_lib.get_sde(config)
     optimize_fn = losses.optimization_manager(config)
@@ -124,46 +163,56 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     eval_step_fn = losses.get_step_fn(train=False, **step_kwargs)
 
     sampling_fn = None
-    if config.training.snapshot_sampling:
+    if config.training.snapshot_sampling and main:
         shape = (config.training.batch_size, config.data.num_channels,
                  config.data.image_size, config.data.image_size)
         sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sampling_eps,
                                                progress=progress)
 
-    writer = _summary_writer(paths["tensorboard"])
+    writer = _summary_writer(paths["tensorboard"]) if main else None
     num_train_steps = config.training.n_iters
     try:
         steps = tqdm(range(initial_step, num_train_steps + 1), initial=initial_step,
                      total=num_train_steps + 1, desc="train", disable=not progress)
         for step in steps:
             batch = scaler(next(train_iter)["image"].to(device))
-            loss = train_step_fn(state, batch)
-            loss_value = float(loss.detach())
+            generators = example_generators(config.seed, step, positions, device)
+            loss = train_step_fn(state, batch, generator=generators)
+            # The mean over ranks is the loss of the global batch, and every rank sees it.
+            loss_value = distributed.all_reduce_mean(float(loss.detach()))
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"Training loss became {loss_value} at step {step}; the run stopped and the "
                     f"last good checkpoint is kept in {paths['meta'].parent} and "
                     f"{paths['checkpoints']}: lower optim.lr or raise optim.warmup and resume.")
-            if step % config.training.log_freq == 0:
+            if step % config.training.log_freq == 0 and main:
                 writer.add_scalar("training_loss", loss_value, step)
                 steps.set_postfix(loss=f"{loss_value:.4g}")
                 logger.info("step: %d, training_loss: %.5e", step, loss_value)
-            if step != 0 and step % config.training.snapshot_freq_for_preemption == 0:
+            if step != 0 and step % config.training.snapshot_freq_for_preemption == 0 and main:
                 utils.save_checkpoint(paths["meta"], state)
             if step % config.training.eval_freq == 0:
                 eval_batch = scaler(next(eval_iter)["image"].to(device))
-                eval_loss = float(eval_step_fn(state, eval_batch))
-                writer.add_scalar("eval_loss", eval_loss, step)
+                # Evaluation and sampling use the plain network, outside DDP's collectives.
+                eval_loss = float(eval_step_fn(dict(state, model=network), eval_batch))
+                eval_loss = distributed.all_reduce_mean(eval_loss)
+                if main:
+                    writer.add_scalar("eval_loss", eval_loss, step)
             if step != 0 and (step % config.training.snapshot_freq == 0
-                              or step == num_train_steps):
+                              or step == num_train_steps) and main:
                 save_step = step // config.training.snapshot_freq
                 utils.save_checkpoint(paths["checkpoints"] / f"checkpoint_{save_step}.pth", state)
                 # The preemption checkpoint also marks the run as finished up to here.
                 utils.save_checkpoint(paths["meta"], state)
                 if sampling_fn is not None:
-                    _snapshot_samples(sampling_fn, state, step, paths["samples"])
+                    _snapshot_samples(sampling_fn, dict(state, model=network), step,
+                                      paths["samples"])
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    # No rank returns before rank 0 has written the last checkpoint.
+    distributed.barrier()
+    state["model"] = network
     return state
 
 
@@ -177,9 +226,9 @@ def _to_uint8_nhwc(samples: torch.Tensor) -> np.ndarray:
     return (images * 255.0).round().astype(np.uint8)
 
 
-def _bpd_dataset(config):
+def _bpd_dataset(config, shard: tuple[int, int] | None = None):
     train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=True,
-                                                evaluation=True)
+                                                evaluation=True, shard=shard)
     if config.eval.bpd_dataset.lower() == "train":
         return train_ds
     if config.eval.bpd_dataset.lower() == "test":
@@ -188,12 +237,14 @@ def _bpd_dataset(config):
 
 
 def compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats: int,
-                progress: bool, max_batches: int | None = None) -> tuple[np.ndarray, int]:
+                progress: bool, max_batches: int | None = None,
+                shard: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
     """Bits/dim of every image of the configured bpd dataset (`num_repeats` dequantisations),
-    and the total number of ODE function evaluations."""
+    and the total number of ODE function evaluations. With `shard=(rank, world_size)`, only
+    that rank's part of the images (`datasets.get_dataset`); `gather_bpd` combines the ranks."""
     from tqdm.auto import tqdm
 
-    dataset = _bpd_dataset(config)
+    dataset = _bpd_dataset(config, shard)
     bpds, nfe_total = [], 0
     for repeat in range(num_repeats):
         for index, batch in enumerate(tqdm(dataset, desc=f"bpd (repeat {repeat + 1})",
@@ -209,6 +260,12 @@ def compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats: int,
     return np.concatenate(bpds) if bpds else np.zeros(0), nfe_total
 
 
+def gather_bpd(bpds: np.ndarray, nfe: int) -> tuple[np.ndarray | None, int]:
+    """Every rank's bits/dim values concatenated in rank order on rank 0 (None on other
+    ranks), and the ODE function evaluations summed over ranks (on every rank)."""
+    return distributed.concat_on_main(bpds), int(distributed.all_reduce_sum(nfe))
+
+
 def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
     path = _paths(workdir)["checkpoints"] / f"checkpoint_{ckpt}.pth"
     if not path.is_file():
@@ -219,25 +276,40 @@ def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
 
 
 def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
-                   progress: bool) -> np.ndarray:
+                   progress: bool) -> np.ndarray | None:
     """Draw config.eval.num_samples samples in rounds of eval.batch_size, one file per round;
-    rounds already on disk are reused, so an interrupted evaluation resumes."""
+    rounds already on disk are reused, so an interrupted evaluation resumes.
+
+    Under torchrun round r runs on rank r mod W with the seed it has in one process; rank 0
+    receives every round (writing the files it lacks) and returns the samples; other ranks
+    return None.
+    """
     batch = config.eval.batch_size
     num_rounds = -(-config.eval.num_samples // batch)
-    rounds = []
-    for r in range(num_rounds):
+
+    def draw(r: int) -> np.ndarray:
         path = sample_dir / f"samples_{r}.npz"
         if path.is_file():
             with np.load(path) as archive:
-                rounds.append(archive["samples"])
-            continue
+                return archive["samples"]
         torch.manual_seed(round_seed(config.seed, ckpt, r))
         samples, nfe = sampling_fn(model)
         uint8 = _to_uint8_nhwc(samples)
         utils.atomic_numpy_save(path, samples=uint8)
-        rounds.append(uint8)
         logger.info("checkpoint %d, sampling round %d/%d done (%d evaluations).", ckpt, r + 1,
                     num_rounds, nfe)
+        return uint8
+
+    def keep(r: int, uint8: np.ndarray) -> None:
+        # Rounds drawn on other nodes, when the workdir is not shared.
+        path = sample_dir / f"samples_{r}.npz"
+        if not path.is_file():
+            utils.atomic_numpy_save(path, samples=uint8)
+
+    rounds = distributed.map_rounds(num_rounds, draw,
+                                    on_result=keep if distributed.get_world_size() > 1 else None)
+    if rounds is None:
+        return None
     return np.concatenate(rounds)[: config.eval.num_samples]
 
 
@@ -250,24 +322,35 @@ def _write_report(path: Path, report: dict) -> None:
 def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
              progress: bool = True) -> dict:
     """Evaluate checkpoints eval.begin_ckpt..eval.end_ckpt of `workdir`: loss on the evaluation
-    split, bits/dim, and sampling with FID/IS/KID (or the proxy FID); one JSON report each."""
+    split, bits/dim, and sampling with FID/IS/KID (or the proxy FID); one JSON report each.
+
+    Under torchrun the evaluation images and the sampling rounds are split across ranks (the
+    samples are those of one process with the same seeds); rank 0 writes the files and every
+    rank returns the same reports.
+    """
     import evaluation
     import likelihood
 
+    device = resolve_device(config)
+    rank, world = distributed.shard()
+    main = rank == 0
+    progress = progress and main
     workdir = Path(workdir)
     eval_dir = workdir / eval_folder
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
-    device = resolve_device(config)
     state = create_train_state(config, device)
     state.pop("optimizer")
+    if rank > 0:
+        set_seed(distributed.rank_seed(config.seed, rank))
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     sde, sampling_eps = sde_lib.get_sde(config)
 
     if config.eval.enable_loss:
         _, eval_ds, _ = datasets.get_dataset(
-            config, uniform_dequantization=config.data.uniform_dequantization, evaluation=True)
+            config, uniform_dequantization=config.data.uniform_dequantization, evaluation=True,
+            shard=(rank, world))
         eval_step_fn = losses.get_step_fn(
             sde, train=False, optimize_fn=None, reduce_mean=config.training.reduce_mean,
             continuous=config.training.continuous,
@@ -288,29 +371,34 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
         if config.eval.enable_loss:
             # The eval step swaps the EMA weights in itself.
             values = [float(eval_step_fn(state, scaler(b["image"].to(device)))) for b in eval_ds]
-            report["eval_loss"] = float(np.mean(values))
+            total, count = distributed.all_reduce_sum([sum(values), len(values)])
+            report["eval_loss"] = total / count
             logger.info("checkpoint %d: eval loss %.5e", ckpt, report["eval_loss"])
         state["ema"].store(model.parameters())
         state["ema"].copy_to(model.parameters())
         try:
             if config.eval.enable_bpd:
                 num_repeats = 5 if config.data.uniform_dequantization else 1
-                bpds, nfe = compute_bpd(likelihood_fn, model, config, scaler, device,
-                                        num_repeats, progress)
-                utils.atomic_numpy_save(eval_dir / f"ckpt_{ckpt}_bpd.npz", bpd=bpds)
-                report.update(bpd=float(bpds.mean()), bpd_nfe=nfe)
-                logger.info("checkpoint %d: mean bpd %.5f", ckpt, report["bpd"])
+                bpds, nfe = gather_bpd(*compute_bpd(likelihood_fn, model, config, scaler, device,
+                                                    num_repeats, progress, shard=(rank, world)))
+                if main:
+                    utils.atomic_numpy_save(eval_dir / f"ckpt_{ckpt}_bpd.npz", bpd=bpds)
+                    report.update(bpd=float(bpds.mean()), bpd_nfe=nfe)
+                    logger.info("checkpoint %d: mean bpd %.5f", ckpt, report["bpd"])
             if config.eval.enable_sampling:
                 samples = _sample_rounds(sampling_fn, model, config, ckpt,
                                          eval_dir / f"ckpt_{ckpt}", progress)
-                metrics = evaluation.evaluate_samples(samples, config)
-                if metrics is not None:
-                    report.update(metrics)
-                    logger.info("checkpoint %d: %s", ckpt, metrics)
+                if main:
+                    report["num_samples"] = len(samples)
+                    metrics = evaluation.evaluate_samples(samples, config)
+                    if metrics is not None:
+                        report.update(metrics)
+                        logger.info("checkpoint %d: %s", ckpt, metrics)
         finally:
             state["ema"].restore(model.parameters())
-        _write_report(eval_dir / f"report_{ckpt}.json", report)
-        reports[ckpt] = report
+        if main:
+            _write_report(eval_dir / f"report_{ckpt}.json", report)
+        reports[ckpt] = distributed.broadcast_from_main(report)
     return reports
 
 
@@ -319,24 +407,38 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
                       dataset: str | None = None, save_name: str | None = None,
                       progress: bool = True) -> dict:
     """Sampling (`config.sampling.method`, usually the ODE) and bits/dim through the implicit
-    full-space score of subspace diffusion, reporting full and subspace network evaluations."""
+    full-space score of subspace diffusion, reporting full and subspace network evaluations.
+
+    Under torchrun the sampling rounds and the bits/dim images are split across ranks, the
+    network-evaluation counts summed over ranks; rank 0 writes the files and every rank returns
+    the same report.
+    """
     import likelihood
     from models.subspace_model import load_subspace_model
 
+    device = resolve_device(config)
+    rank, world = distributed.shard()
+    main = rank == 0
+    progress = progress and main
     eval_dir = Path(workdir) / eval_folder
     eval_dir.mkdir(parents=True, exist_ok=True)
     save_name = save_name or "subspace_" + "_".join(
         f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
     set_seed(config.seed)
-    device = resolve_device(config)
     config.device = device
     model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
                                 dataset=dataset)
+    if rank > 0:
+        set_seed(distributed.rank_seed(config.seed, rank))
     scaler = datasets.get_data_scaler(config)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     sde, sampling_eps = sde_lib.get_sde(config)
     report: dict = {"subspace": list(subspace_sizes), "time": list(cutoffs),
                     "ckpt_full": str(ckpt_full), "ckpt_subspace": [str(c) for c in ckpt_subspace]}
+
+    def nfe_over_ranks() -> tuple[int, int, list[int]]:
+        full, *per_level = distributed.all_reduce_sum([model.num_full, *model.nfe_subspace])
+        return int(full), int(sum(per_level)), [int(n) for n in per_level]
 
     if config.eval.enable_sampling:
         shape = (config.eval.batch_size, config.data.num_channels, config.data.image_size,
@@ -345,27 +447,32 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
                                                progress=progress)
         model.reset_nfe()
         samples = _sample_rounds(sampling_fn, model, config, 0, eval_dir / save_name, progress)
-        utils.atomic_numpy_save(eval_dir / f"{save_name}.npy", samples=samples)
-        report.update(sampling_num_full=model.num_full, sampling_num_subspace=model.num_subspace,
-                      sampling_nfe_per_level=list(model.nfe_subspace))
-        print(f"sampling: {model.num_full} full and {model.num_subspace} subspace network "
-              f"evaluations (per level {model.nfe_subspace}) for the rounds drawn in this run")
-        import evaluation
+        num_full, num_subspace, per_level = nfe_over_ranks()
+        if main:
+            utils.atomic_numpy_save(eval_dir / f"{save_name}.npy", samples=samples)
+            report.update(sampling_num_full=num_full, sampling_num_subspace=num_subspace,
+                          sampling_nfe_per_level=per_level)
+            print(f"sampling: {num_full} full and {num_subspace} subspace network evaluations "
+                  f"(per level {per_level}) for the rounds drawn in this run")
+            import evaluation
 
-        metrics = evaluation.evaluate_samples(samples, config)
-        if metrics is not None:
-            report.update(metrics)
-            print(f"sample metrics: {metrics}")
+            metrics = evaluation.evaluate_samples(samples, config)
+            if metrics is not None:
+                report.update(metrics)
+                print(f"sample metrics: {metrics}")
     if config.eval.enable_bpd:
         likelihood_fn = likelihood.get_likelihood_fn(sde, inverse_scaler)
         model.reset_nfe()
         num_repeats = 5 if config.data.uniform_dequantization else 1
-        bpds, nfe = compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats,
-                                progress)
-        utils.atomic_numpy_save(eval_dir / f"{save_name}_bpd.npz", bpd=bpds)
-        report.update(bpd=float(bpds.mean()), bpd_ode_nfe=nfe, bpd_num_full=model.num_full,
-                      bpd_num_subspace=model.num_subspace)
-        print(f"bits/dim {report['bpd']:.5f} over {len(bpds)} images; {model.num_full} full and "
-              f"{model.num_subspace} subspace network evaluations")
-    _write_report(eval_dir / f"{save_name}_report.json", report)
-    return report
+        bpds, nfe = gather_bpd(*compute_bpd(likelihood_fn, model, config, scaler, device,
+                                            num_repeats, progress, shard=(rank, world)))
+        num_full, num_subspace, _ = nfe_over_ranks()
+        if main:
+            utils.atomic_numpy_save(eval_dir / f"{save_name}_bpd.npz", bpd=bpds)
+            report.update(bpd=float(bpds.mean()), bpd_ode_nfe=nfe, bpd_num_full=num_full,
+                          bpd_num_subspace=num_subspace)
+            print(f"bits/dim {report['bpd']:.5f} over {len(bpds)} images; {num_full} full and "
+                  f"{num_subspace} subspace network evaluations")
+    if main:
+        _write_report(eval_dir / f"{save_name}_report.json", report)
+    return distributed.broadcast_from_main(report)
