@@ -16,9 +16,10 @@ How work is split:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -284,3 +285,15 @@ def map_rounds(num_rounds: int, fn: Callable[[int], Any],
                 on_result(*item)
             results.append(item[1])
     return results
+
+
+@contextlib.contextmanager
+def session(device: torch.device | str | None = None,
+            timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> Iterator[torch.device]:
+    """Join the process group when started by torchrun (else nothing), yield this process's
+    device, and leave the group at the end: the frame of every entry script's work."""
+    device = setup(device, timeout_minutes) if launched() else device
+    try:
+        yield device
+    finally:
+        teardown()

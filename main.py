@@ -6,12 +6,10 @@ each process then takes one device and its share of the work (see `distributed.p
 """
 from __future__ import annotations
 
-import logging
-import os
-import sys
-
 from absl import app, flags
 from ml_collections.config_flags import config_flags
+
+from utils import UsageError, run_entry_point
 
 FLAGS = flags.FLAGS
 
@@ -36,23 +34,15 @@ flags.DEFINE_string("checkpoint_subspace", None, "Alias of --ckpt_subspace.")
 flags.mark_flags_as_required(["workdir", "config", "mode"])
 
 
-class UsageError(ValueError):
-    """Bad command-line input."""
-
-
 def _run(argv) -> None:
     del argv
     import distributed
     import run_lib  # imported here so that --help works without loading torch
 
     config = FLAGS.config
-    if distributed.launched():
-        config.device = distributed.setup(config.device,
-                                          timeout_minutes=FLAGS.dist_timeout_minutes)
-    try:
+    with distributed.session(config.device, FLAGS.dist_timeout_minutes) as device:
+        config.device = device
         _dispatch(config, run_lib)
-    finally:
-        distributed.teardown()
 
 
 def _dispatch(config, run_lib) -> None:
@@ -77,20 +67,7 @@ def _dispatch(config, run_lib) -> None:
 
 
 def main(argv) -> None:
-    # Under torchrun only rank 0 reports progress; the other ranks log warnings and errors.
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if os.environ.get("RANK", "0") != "0":
-        logging.getLogger().setLevel(logging.WARNING)
-    import run_lib
-
-    try:
-        _run(argv)
-    except (ValueError, KeyError, FileNotFoundError, run_lib.TrainingDiverged) as error:
-        if os.environ.get("SUBSPACE_DEBUG"):
-            raise
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    run_entry_point(_run, argv)
 
 
 if __name__ == "__main__":

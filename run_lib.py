@@ -22,7 +22,7 @@ from models.ema import ExponentialMovingAverage
 logger = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(utils.ReportableError):
     """The training loss became NaN or infinite."""
 
 

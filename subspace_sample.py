@@ -48,7 +48,7 @@ flags.mark_flags_as_required(["eval_folder", "save_name", "ckpt_subspace", "ckpt
 _FLAG_DATASETS = {"celeba": "celebahq"}
 
 
-def _existing_samples(path: Path, batch: int, image_shape: tuple[int, int, int]):
+def _existing_samples(path: Path, batch: int, number: int, image_shape: tuple[int, int, int]):
     """Samples saved by an earlier, interrupted run with the same settings (or None)."""
     import numpy as np
 
@@ -59,7 +59,7 @@ def _existing_samples(path: Path, batch: int, image_shape: tuple[int, int, int])
         raise ValueError(
             f"{path} holds samples of shape {done.shape} ({done.dtype}), not uint8 "
             f"[N, {', '.join(map(str, image_shape))}]: choose another --save_name or delete it.")
-    if len(done) % batch:
+    if len(done) % batch and len(done) != number:
         raise ValueError(f"{path} holds {len(done)} samples, not a multiple of --batch {batch}: "
                          "resume with the batch size of the interrupted run.")
     return done
@@ -71,6 +71,7 @@ def run(config) -> None:
     import torch
 
     import datasets
+    import distributed
     import evaluation
     import sde_lib
     import subspace_lib as sl
@@ -93,7 +94,7 @@ def run(config) -> None:
                          f"{len(ckpts)} --ckpt_subspace files: give one per size, same order.")
     sde, default_eps = sde_lib.get_sde(config)
     eps = default_eps if FLAGS.eps is None else FLAGS.eps
-    device = torch.device(config.device) if config.device else mutils.default_device()
+    device = config.device
     networks = [load_model_weights(mutils.create_model(config), FLAGS.ckpt_full)]
     networks += [load_model_weights(mutils.create_model(cfg), path)
                  for cfg, path in zip(subspace_configs(config, plan.sizes), ckpts)]
@@ -102,24 +103,37 @@ def run(config) -> None:
 
     size, channels = config.data.image_size, config.data.num_channels
     path = Path(FLAGS.eval_folder) / f"{FLAGS.save_name}.npy"
-    done = _existing_samples(path, FLAGS.batch, (size, size, channels))
+    main = distributed.is_main_process()
+    done = (_existing_samples(path, FLAGS.batch, FLAGS.number_samples, (size, size, channels))
+            if main else None)
     num_rounds = (FLAGS.number_samples - 1) // FLAGS.batch + 1
-    first = 0 if done is None else len(done) // FLAGS.batch
+    first = distributed.broadcast_from_main(
+        0 if done is None else -(-len(done) // FLAGS.batch))
     logging.info("Plan %s; %d rounds of %d samples, %d already in %s.", plan.describe(),
                  num_rounds, FLAGS.batch, 0 if done is None else len(done), path)
-    totals: list[StageReport] | None = None
-    for r in range(first, num_rounds):
+
+    def draw(r: int):
+        # Round r draws the same samples whichever process runs it; the last round is cut to
+        # give exactly --number_samples.
         torch.manual_seed(seed + r)
+        batch = min(FLAGS.batch, FLAGS.number_samples - r * FLAGS.batch)
         x, reports = subspace_pc_sample(
-            networks, sde, plan, config.data.centered, (FLAGS.batch, channels, size, size),
+            networks, sde, plan, config.data.centered, (batch, channels, size, size),
             eps=eps, predictor=config.sampling.predictor, corrector=config.sampling.corrector,
             snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
             probability_flow=config.sampling.probability_flow,
             continuous=config.training.continuous, denoise=config.sampling.noise_removal,
             langevin_snr=FLAGS.langevin_snr, langevin_steps=FLAGS.langevin_steps,
             conditional_langevin_steps=FLAGS.conditional_langevin,
-            legacy_langevin=FLAGS.legacy_langevin, device=device, progress=FLAGS.progress)
-        images = evaluation.to_uint8_nhwc(inverse_scaler(x).cpu())
+            legacy_langevin=FLAGS.legacy_langevin, device=device,
+            progress=FLAGS.progress and main)
+        return evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), reports
+
+    totals: list[StageReport] | None = None
+
+    def keep(r: int, result) -> None:
+        nonlocal done, totals
+        images, reports = result
         done = images if done is None else np.concatenate([done, images])
         atomic_numpy_save(path, samples=done)
         if totals is None:
@@ -131,17 +145,31 @@ def run(config) -> None:
                 total.steps += report.steps
                 total.seconds += report.seconds
         logging.info("Round %d/%d saved to %s.", r + 1, num_rounds, path)
+
+    distributed.map_rounds(num_rounds, draw, on_result=keep, first=first)
+    if not main:
+        return
     if totals is not None:
-        print(f"Network evaluations and time per stage, {num_rounds - first} round(s):")
+        world = distributed.get_world_size()
+        print(f"Network evaluations and time per stage, {num_rounds - first} round(s)"
+              + (f" over {world} processes (seconds summed):" if world > 1 else ":"))
         print(format_stage_reports(totals))
     metrics = evaluation.evaluate_samples(done, config)
     if metrics:
         print(" ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
 
 
+def _run_in_session(config) -> None:
+    import distributed
+
+    with distributed.session(config.device) as device:
+        config.device = device
+        run(config)
+
+
 def main(argv) -> None:
     del argv
-    run_entry_point(run, FLAGS.config)
+    run_entry_point(_run_in_session, FLAGS.config)
 
 
 if __name__ == "__main__":

@@ -402,16 +402,23 @@ class UsageError(ValueError):
     """Bad command-line input."""
 
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
+class ReportableError(RuntimeError):
+    """A failure that is not a bug, reported to the user as one sentence (e.g. a diverged run)."""
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ReportableError)
 
 
 def run_entry_point(body, *args, **kwargs) -> None:
-    """Run an entry script's `body(*args, **kwargs)`; a user error (ValueError, KeyError,
-    FileNotFoundError, including checkpoint errors) becomes `error: <sentence>` on stderr and exit
-    status 1. Set SUBSPACE_DEBUG=1 to see the traceback instead."""
+    """Run an entry script's `body(*args, **kwargs)`. A user error (ValueError, KeyError,
+    FileNotFoundError, ReportableError, checkpoint errors included) becomes `error: <sentence>`
+    on stderr and exit status 1; SUBSPACE_DEBUG=1 shows the traceback instead. Under torchrun
+    only rank 0 logs progress; the other ranks log warnings and errors."""
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         body(*args, **kwargs)
     except USER_ERRORS as error:

@@ -318,3 +318,39 @@ def test_two_process_subspace_sampling_writes_the_one_process_samples(tmp_path):
     # Every network evaluation of the three rounds is counted, whichever rank made it.
     assert report["sampling_num_full"] == single["sampling_num_full"] > 0
     assert report["sampling_num_subspace"] == single["sampling_num_subspace"] > 0
+
+
+def test_two_process_subspace_sample_script_writes_the_one_process_samples(tmp_path):
+    """`subspace_sample.py` under torchrun: exactly --number_samples samples, in rounds split
+    over 2 ranks, equal to the samples of one process with the same seed."""
+    from configs.builtin import subvp_ddpmpp_small
+    from models.ema import ExponentialMovingAverage
+    from models.subspace_model import subspace_configs
+
+    config = subvp_ddpmpp_small.get_config()
+    config.device = torch.device("cpu")
+    config.model.num_scales = 6
+    torch.manual_seed(0)
+    paths = {}
+    for cfg in [config] + subspace_configs(config, (16,)):
+        model = mutils.create_model(cfg)
+        paths[cfg.data.image_size] = tmp_path / f"checkpoint_{cfg.data.image_size}.pth"
+        utils.save_checkpoint(paths[cfg.data.image_size], dict(
+            optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
+            ema=ExponentialMovingAverage(model.parameters(), decay=0.999), step=0))
+    env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARIABLES}
+    env["OMP_NUM_THREADS"] = "1"
+    script = ["subspace_sample.py", "--config=configs/builtin/subvp_ddpmpp_small.py",
+              "--config.model.num_scales=6", "--dataset=builtin", "--subspace=16", "--time=0.5",
+              f"--ckpt_full={paths[32]}", f"--ckpt_subspace={paths[16]}", "--number_samples=5",
+              "--batch=2", "--save_name=s", "--noprogress"]
+    launchers = {"single": [sys.executable],
+                 "pair": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2"]}
+    for name, launcher in launchers.items():
+        result = subprocess.run([*launcher, *script, f"--eval_folder={tmp_path / name}"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    pair, single = (np.load(tmp_path / name / "s.npy") for name in ("pair", "single"))
+    assert pair.shape == (5, 32, 32, 3)
+    np.testing.assert_array_equal(pair, single)
