@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean-venv
+.PHONY: venv test lint demo demo-quick clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
+
+# The main job on the built-in data: train 3 small models, cutoffs, samplers, table (runs/demo).
+demo: $(STAMP)
+	$(PY) demo.py --mode full --workdir runs/demo $(DEMO_ARGS)
+
+# Sampling and table from the committed checkpoints in about a minute (runs/demo_quick).
+demo-quick: $(STAMP)
+	$(PY) demo.py --mode quick --workdir runs/demo_quick $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -247,8 +247,11 @@ def compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats: int,
     dataset = _bpd_dataset(config, shard)
     bpds, nfe_total = [], 0
     for repeat in range(num_repeats):
+        total = len(dataset) if hasattr(dataset, "__len__") else None
+        if max_batches is not None and total is not None:
+            total = min(total, max_batches)
         for index, batch in enumerate(tqdm(dataset, desc=f"bpd (repeat {repeat + 1})",
-                                           disable=not progress)):
+                                           total=total, disable=not progress)):
             if max_batches is not None and index >= max_batches:
                 break
             data = scaler(batch["image"].to(device))

@@ -1,0 +1,186 @@
+"""The laptop demo: the smoke mode end to end, the cutoff rule, the committed checkpoints."""
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import demo_lib
+import utils
+from models import utils as mutils
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke-mode run (a few training steps per model), shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("demo_smoke")
+    settings = demo_lib.DemoSettings.for_mode("smoke")
+    results = demo_lib.run_demo(settings, workdir, progress=False,
+                                device=torch.device("cpu"))
+    return workdir, settings, results
+
+
+def test_smoke_writes_the_table_and_the_figure(smoke):
+    workdir, settings, results = smoke
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["samplers"].keys() == {"full only", "subspace 16", "subspace 16, 8"}
+    assert saved["machine"]["torch_threads"] >= 1 and saved["machine"]["cpu"]
+    assert saved["settings"]["num_steps"] == settings.num_steps
+    # Untrained networks: D_F stays near 1, so the fixed fallback cutoffs are used, and said so.
+    assert saved["cutoffs"]["values"] == {"16": 0.5, "8": 0.6}
+    assert "untrained" in saved["cutoffs"]["rule"]
+    table = (workdir / "results.md").read_text()
+    assert "NOT the paper's Inception FID" in table and "Machine:" in table
+    assert table.count("| subspace 16") == 2 and "| full only | 25 / 0 / 0 |" in table
+    from PIL import Image
+
+    with Image.open(workdir / "samples.png") as figure:
+        width, height = figure.size
+    assert figure.format == "PNG" and width > 3 * height  # four panels side by side
+    for name in ("full_only", "subspace_16", "subspace_16_8"):
+        with Image.open(workdir / "samples" / f"{name}.png") as grid:
+            assert grid.format == "PNG"
+        samples = np.load(workdir / "samples" / f"{name}.npz")["samples"]
+        assert samples.shape == (settings.num_samples, 32, 32, 3) and samples.dtype == np.uint8
+    for name in ("divergence.png", "divergence.json", "subspace_rmsd.json"):
+        assert (workdir / name).is_file()
+
+
+def test_smoke_evaluation_split_at_the_same_n(smoke):
+    _, settings, results = smoke
+    n = settings.num_steps
+    full = results["samplers"]["full only"]
+    assert full["nfe"] == {"32": n} and full["steps"] == {"32": n}
+    for name, sizes in (("subspace 16", (16,)), ("subspace 16, 8", (16, 8))):
+        info = results["samplers"][name]
+        # The windows visit the same grid of N steps; every upsampling adds Langevin steps of
+        # the next-larger network.
+        assert sum(info["steps"].values()) == n
+        assert set(info["nfe"]) == {"32", *map(str, sizes)}
+        assert info["nfe"]["32"] == info["steps"]["32"] + settings.langevin_steps < n
+        assert all(info["nfe"][str(s)] > 0 for s in sizes)
+        assert math.isfinite(info["proxy_fid"])
+        costs = results["network_cost"]
+        ideal = (n * costs["32"]["seconds"]
+                 / sum(k * costs[s]["seconds"] for s, k in info["nfe"].items()))
+        assert info["speedup"]["ideal_measured_cost"] == pytest.approx(ideal)
+        pixels = n / sum(k * (int(s) / 32) ** 2 for s, k in info["nfe"].items())
+        assert info["speedup"]["ideal_pixel_cost"] == pytest.approx(pixels)
+        assert info["speedup"]["ideal_pixel_cost"] > 1
+        assert info["speedup"]["achieved"] == pytest.approx(full["seconds"] / info["seconds"])
+    assert math.isfinite(results["data_proxy_fid"])
+
+
+def test_smoke_bits_per_dim(smoke):
+    _, settings, results = smoke
+    bpd = results["bpd"]
+    assert bpd.keys() == {"full only", "subspace 16", "subspace 16, 8"}
+    for info in bpd.values():
+        assert math.isfinite(info["bpd"]) and info["bpd"] > 0
+        assert info["images"] == settings.bpd_images and info["ode_nfe"] > 0
+    # The implicit score calls each network; its evaluations add up to the ODE's.
+    for name in ("subspace 16", "subspace 16, 8"):
+        info = bpd[name]
+        assert info["num_full"] > 0 and all(k > 0 for k in info["num_subspace"])
+        assert info["num_full"] + sum(info["num_subspace"]) == info["ode_nfe"]
+        assert math.isfinite(info["difference_to_full"])
+        assert info["difference_to_full"] == pytest.approx(info["bpd"] - bpd["full only"]["bpd"],
+                                                           abs=1e-4)
+
+
+def test_workdir_models_are_reused_and_settings_guarded(smoke):
+    workdir, settings, _ = smoke
+    models = demo_lib.obtain_models(settings, workdir, torch.device("cpu"), False, False)
+    assert all(info["source"].startswith("reused") for info in models.values())
+    other = dataclasses.replace(settings, lr=settings.lr / 2)
+    with pytest.raises(ValueError, match="trained with other settings"):
+        demo_lib.obtain_models(other, workdir, torch.device("cpu"), False, False)
+
+
+def test_exported_weights_load_strictly_and_match_the_ema(smoke, tmp_path):
+    workdir, settings, _ = smoke
+    checkpoint = workdir / "models" / "size_16" / "checkpoints" / "checkpoint_1.pth"
+    config = demo_lib.demo_config(16, settings, torch.device("cpu"))
+    out = demo_lib.export_ema_weights(checkpoint, config, tmp_path / "w.pth")
+    assert "optimizer" not in torch.load(out, weights_only=True)
+    assert out.stat().st_size < checkpoint.stat().st_size / 2
+    exported = utils.load_model_weights(mutils.create_model(config), out)
+    original = utils.load_model_weights(mutils.create_model(config), checkpoint, use_ema=True)
+    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([100.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, labels), original(x, labels), rtol=0, atol=0)
+
+
+def test_cli_reports_bad_input_in_one_line(smoke, capsys):
+    import demo
+
+    workdir, _, _ = smoke
+    # The smoke workdir holds smoke models; the full settings differ.
+    assert demo.main(["--mode", "full", "--workdir", str(workdir), "--no_progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "other settings" in err[0]
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--mode", "quick", "--export_assets"])
+
+
+def _curve(floor: float, scale: float) -> dict:
+    """Synthetic D_F at t = 0, 0.05, ..., 1: NaN at t = 0, then scale * exp(-20 t) + floor (two
+    samples per time)."""
+    times = np.linspace(0, 1, 21)
+    values = [math.nan if t == 0 else scale * math.exp(-20 * t) + floor for t in times]
+    return {"t": [float(t) for t in times for _ in range(2)],
+            "err_norm": [v for v in values for _ in range(2)]}
+
+
+def test_threshold_is_the_papers_unless_the_model_error_floor_is_above_it():
+    data = {"16": _curve(1e-4, 10.0), "8": _curve(2e-4, 20.0)}
+    threshold, rule = demo_lib.choose_threshold(data, 3e-3, 2.0, 0.3)
+    assert threshold == 3e-3 and "paper" in rule
+    data = {"16": _curve(0.018, 10.0), "8": _curve(0.019, 20.0)}
+    threshold, rule = demo_lib.choose_threshold(data, 3e-3, 2.0, 0.3)
+    assert threshold == pytest.approx(0.038) and "floor" in rule
+    data = {"16": _curve(0.99, 1.0), "8": _curve(1.0, 1.0)}
+    assert demo_lib.choose_threshold(data, 3e-3, 2.0, 0.3)[0] is None
+
+
+def test_nested_plan_needs_increasing_cutoffs():
+    chosen, skipped = demo_lib.plans({16: 0.4, 8: 0.3})
+    assert list(chosen) == ["full only", "subspace 16"] and list(skipped) == ["subspace 16, 8"]
+    chosen, skipped = demo_lib.plans({16: 0.3, 8: 0.4})
+    assert len(chosen) == 3 and not skipped
+
+
+def test_committed_checkpoints_and_results(tmp_path):
+    manifest_path = demo_lib.BUILTIN_CHECKPOINTS / demo_lib.MANIFEST_NAME
+    if not manifest_path.is_file():
+        pytest.skip("no committed demo checkpoints (run `python demo.py --mode full "
+                    "--export_assets`)")
+    manifest = demo_lib.read_manifest()
+    total = 0
+    for entry in manifest["files"].values():
+        path = demo_lib.BUILTIN_CHECKPOINTS / entry["file"]
+        assert demo_lib._sha256(path) == entry["sha256"]
+        total += path.stat().st_size
+    assert total < 8 * 2**20
+    committed = json.loads((demo_lib.DEMO_ASSETS / "results.json").read_text())
+    assert committed["mode"] == "full" and committed["cutoffs"] == manifest["cutoffs"]
+    n = committed["settings"]["num_steps"]
+    full = committed["samplers"]["full only"]["nfe"]["32"]
+    assert full == n
+    for name in ("subspace 16", "subspace 16, 8"):
+        assert committed["samplers"][name]["nfe"]["32"] < full
+    assert all(math.isfinite(b["bpd"]) for b in committed["bpd"].values())
+    # The quick mode's path on 4 samples: committed weights (strict), manifest cutoffs. N stays
+    # at the committed value (the networks hold a buffer of N noise levels).
+    settings = dataclasses.replace(demo_lib.DemoSettings.for_mode("quick"), num_samples=4,
+                                   grid_samples=4, cost_repeats=1)
+    results = demo_lib.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
+    assert results["cutoffs"]["values"] == manifest["cutoffs"]["values"]
+    assert all(t["source"].startswith("committed") for t in results["training"].values())
+    assert results["samplers"]["subspace 16, 8"]["nfe"]["32"] < n
+    assert "bpd" not in results and (tmp_path / "samples.png").is_file()
