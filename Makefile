@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo demo-quick clean-venv
+.PHONY: venv test test-tf lint demo demo-quick clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,19 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -rs tests
 
+# Optional: the TensorFlow parts (tfds data, TF-GAN metrics) in their own venv (about 3 GB).
+VENV_TF := .venv-tf
+STAMP_TF := $(VENV_TF)/.installed
+
+$(STAMP_TF): requirements.txt requirements-dev.txt requirements-tf.txt
+	test -x $(VENV_TF)/bin/python || $(PYTHON) -m venv $(VENV_TF)
+	$(VENV_TF)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_TF)/bin/python -m pip install --quiet -r requirements-dev.txt -r requirements-tf.txt
+	touch $(STAMP_TF)
+
+test-tf: $(STAMP_TF)
+	$(VENV_TF)/bin/python -m pytest -q -rs tests/test_datasets.py tests/test_evaluation.py
+
 # The main job on the built-in data: train 3 small models, cutoffs, samplers, table (runs/demo).
 demo: $(STAMP)
 	$(PY) demo.py --mode full --workdir runs/demo $(DEMO_ARGS)
@@ -30,4 +43,4 @@ demo-quick: $(STAMP)
 	$(PY) demo.py --mode quick --workdir runs/demo_quick $(DEMO_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_TF)
