@@ -283,12 +283,26 @@ def test_two_process_bits_per_dim_cover_the_test_split_once(runs):
     assert report["bpd_nfe"] > 0 and np.isfinite(report["eval_loss"])
 
 
+def _untrained_checkpoints(config, folder: Path) -> dict[int, Path]:
+    """Seeded untrained full (32) and 16x16 checkpoints of `config`: {size: path}."""
+    from models.ema import ExponentialMovingAverage
+    from models.subspace_model import subspace_configs
+
+    torch.manual_seed(0)
+    paths = {}
+    for cfg in [config] + subspace_configs(config, (16,)):
+        model = mutils.create_model(cfg)
+        paths[cfg.data.image_size] = folder / f"checkpoint_{cfg.data.image_size}.pth"
+        utils.save_checkpoint(paths[cfg.data.image_size], dict(
+            optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
+            ema=ExponentialMovingAverage(model.parameters(), decay=0.999), step=0))
+    return paths
+
+
 def test_two_process_subspace_sampling_writes_the_one_process_samples(tmp_path):
     """`main.py --mode eval_subspace` (implicit subspace score, 6 PC steps) on untrained
     32/16 checkpoints: 5 samples in rounds of 2 over 2 ranks equal the one-process samples."""
     from configs.builtin import ve_ncsnpp_small
-    from models.ema import ExponentialMovingAverage
-    from models.subspace_model import subspace_configs
 
     config = ve_ncsnpp_small.get_config()
     config.device = torch.device("cpu")
@@ -297,14 +311,7 @@ def test_two_process_subspace_sampling_writes_the_one_process_samples(tmp_path):
     for key, value in values.items():
         section, name = key.split(".")
         setattr(config[section], name, value)
-    torch.manual_seed(0)
-    paths = {}
-    for cfg in [config] + subspace_configs(config, (16,)):
-        model = mutils.create_model(cfg)
-        paths[cfg.data.image_size] = tmp_path / f"checkpoint_{cfg.data.image_size}.pth"
-        utils.save_checkpoint(paths[cfg.data.image_size], dict(
-            optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
-            ema=ExponentialMovingAverage(model.parameters(), decay=0.999), step=0))
+    paths = _untrained_checkpoints(config, tmp_path)
     single = run_lib.evaluate_subspace(config, tmp_path / "single", "eval", [16], [0.5],
                                        paths[32], [paths[16]], dataset="builtin",
                                        save_name="s", progress=False)
@@ -324,20 +331,11 @@ def test_two_process_subspace_sample_script_writes_the_one_process_samples(tmp_p
     """`subspace_sample.py` under torchrun: exactly --number_samples samples, in rounds split
     over 2 ranks, equal to the samples of one process with the same seed."""
     from configs.builtin import subvp_ddpmpp_small
-    from models.ema import ExponentialMovingAverage
-    from models.subspace_model import subspace_configs
 
     config = subvp_ddpmpp_small.get_config()
     config.device = torch.device("cpu")
     config.model.num_scales = 6
-    torch.manual_seed(0)
-    paths = {}
-    for cfg in [config] + subspace_configs(config, (16,)):
-        model = mutils.create_model(cfg)
-        paths[cfg.data.image_size] = tmp_path / f"checkpoint_{cfg.data.image_size}.pth"
-        utils.save_checkpoint(paths[cfg.data.image_size], dict(
-            optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
-            ema=ExponentialMovingAverage(model.parameters(), decay=0.999), step=0))
+    paths = _untrained_checkpoints(config, tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
     script = ["subspace_sample.py", "--config=configs/builtin/subvp_ddpmpp_small.py",
