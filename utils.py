@@ -254,12 +254,12 @@ def restore_checkpoint(ckpt_path: str | os.PathLike, state: dict, device: torch.
     one average per trainable parameter; nothing in `state` changes unless everything fits. Leave
     `optimizer` out of `state` (or set it to None) to skip optimizer state, e.g. for sampling with
     a checkpoint written by another torch version. A missing file raises `FileNotFoundError`, or
-    with `missing_ok` logs a warning and returns `state` unchanged (preemption checkpoints).
+    with `missing_ok` logs it and returns `state` unchanged (preemption checkpoints: a fresh run).
     """
     path = Path(ckpt_path)
     if not path.is_file():
         if missing_ok:
-            logging.warning("No checkpoint found at %s; returned the same state as input.", path)
+            logging.info("No checkpoint found at %s; starting from the given state.", path)
             return state
         raise _missing_file_error(path)
     if state.get("model") is None:
