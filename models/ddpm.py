@@ -10,15 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import layers
-from models.layers import NIN, ddpm_conv3x3, default_init, get_act
+from models.layers import NIN, ddpm_conv3x3, dense, get_act
 from models.utils import get_sigmas, register_model
-
-
-def _dense(in_features: int, out_features: int) -> nn.Linear:
-    linear = nn.Linear(in_features, out_features)
-    linear.weight.data = default_init()(linear.weight.shape)
-    nn.init.zeros_(linear.bias)
-    return linear
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -91,7 +84,7 @@ class ResnetBlockDDPM(nn.Module):
         self.act = act
         self.Conv_0 = ddpm_conv3x3(in_ch, out_ch)
         if temb_dim is not None:
-            self.Dense_0 = _dense(temb_dim, out_ch)
+            self.Dense_0 = dense(temb_dim, out_ch)
         self.GroupNorm_1 = _group_norm(out_ch)
         self.Dropout_0 = nn.Dropout(dropout)
         self.Conv_1 = ddpm_conv3x3(out_ch, out_ch, init_scale=0.0)
@@ -150,7 +143,7 @@ class DDPM(nn.Module):
 
         modules: list[nn.Module] = []
         if self.conditional:
-            modules += [_dense(nf, 4 * nf), _dense(4 * nf, 4 * nf)]
+            modules += [dense(nf, 4 * nf), dense(4 * nf, 4 * nf)]
 
         modules.append(ddpm_conv3x3(channels, nf))
         skip_channels = [nf]

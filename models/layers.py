@@ -75,6 +75,14 @@ def ddpm_conv3x3(in_planes: int, out_planes: int, stride: int = 1, bias: bool = 
     return _init_conv(conv, init_scale)
 
 
+def dense(in_features: int, out_features: int) -> nn.Linear:
+    """Fully connected layer with DDPM initialisation (fan-average uniform weight, zero bias)."""
+    layer = nn.Linear(in_features, out_features)
+    layer.weight.data = default_init()(layer.weight.shape)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class NIN(nn.Module):
     """Network-in-network: a per-pixel linear map over channels (parameters `W`, `b`)."""
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import up_or_down_sampling
-from models.layers import NIN, ddpm_conv1x1, ddpm_conv3x3, default_init
+from models.layers import NIN, ddpm_conv1x1, ddpm_conv3x3, default_init, dense
 
 conv1x1 = ddpm_conv1x1
 conv3x3 = ddpm_conv3x3
@@ -20,14 +20,6 @@ conv3x3 = ddpm_conv3x3
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with min(C / 4, 32) groups and eps 1e-6, as everywhere in NCSN++."""
     return nn.GroupNorm(num_groups=min(channels // 4, 32), num_channels=channels, eps=1e-6)
-
-
-def dense(in_dim: int, out_dim: int) -> nn.Linear:
-    """Fully connected layer with DDPM initialisation (fan-average uniform weight, zero bias)."""
-    layer = nn.Linear(in_dim, out_dim)
-    layer.weight.data = default_init()(layer.weight.shape)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 def skip_sum(x: torch.Tensor, h: torch.Tensor, skip_rescale: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from models import layerspp
-from models.layers import get_act, get_timestep_embedding
+from models.layers import dense, get_act, get_timestep_embedding
 from models.utils import get_sigmas, register_model
 
 _PROGRESSIVE = ("none", "output_skip", "residual")
@@ -91,8 +91,8 @@ class NCSNpp(nn.Module):
         else:
             embed_dim = nf
         if conditional:
-            modules.append(layerspp.dense(embed_dim, temb_dim))
-            modules.append(layerspp.dense(temb_dim, temb_dim))
+            modules.append(dense(embed_dim, temb_dim))
+            modules.append(dense(temb_dim, temb_dim))
 
         attn_block = functools.partial(layerspp.AttnBlockpp, init_scale=init_scale,
                                        skip_rescale=skip_rescale)
