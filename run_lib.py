@@ -12,6 +12,7 @@ import torch
 
 import datasets
 import distributed
+import evaluation
 import losses
 import sampling
 import sde_lib
@@ -100,7 +101,7 @@ def _snapshot_samples(sampling_fn, state, step: int, sample_dir: Path) -> None:
         ema.restore(model.parameters())
     this_dir = sample_dir / f"iter_{step}"
     images = samples.clamp(0.0, 1.0).cpu()
-    uint8 = (images.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+    uint8 = evaluation.to_uint8_nhwc(images)
     utils.atomic_numpy_save(this_dir / "sample.npy", samples=uint8)
     utils.save_image_grid(images, this_dir / "sample.png")
 
@@ -221,11 +222,6 @@ def round_seed(seed: int, ckpt: int, round_index: int) -> int:
     return (int(seed) * 1_000_003 + int(ckpt) * 10_007 + int(round_index)) % 2**63
 
 
-def _to_uint8_nhwc(samples: torch.Tensor) -> np.ndarray:
-    images = samples.clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu().numpy()
-    return (images * 255.0).round().astype(np.uint8)
-
-
 def _bpd_dataset(config, shard: tuple[int, int] | None = None):
     train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=True,
                                                 evaluation=True, shard=shard)
@@ -297,7 +293,7 @@ def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
                 return archive["samples"]
         torch.manual_seed(round_seed(config.seed, ckpt, r))
         samples, nfe = sampling_fn(model)
-        uint8 = _to_uint8_nhwc(samples)
+        uint8 = evaluation.to_uint8_nhwc(samples)
         utils.atomic_numpy_save(path, samples=uint8)
         logger.info("checkpoint %d, sampling round %d/%d done (%d evaluations).", ckpt, r + 1,
                     num_rounds, nfe)
@@ -331,7 +327,6 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     samples are those of one process with the same seeds); rank 0 writes the files and every
     rank returns the same reports.
     """
-    import evaluation
     import likelihood
 
     device = resolve_device(config)
@@ -457,7 +452,6 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
                           sampling_nfe_per_level=per_level)
             print(f"sampling: {num_full} full and {num_subspace} subspace network evaluations "
                   f"(per level {per_level}) for the rounds drawn in this run")
-            import evaluation
 
             metrics = evaluation.evaluate_samples(samples, config)
             if metrics is not None:
