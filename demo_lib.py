@@ -17,6 +17,7 @@ from the committed checkpoints of assets/checkpoints/builtin, no training, no li
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -75,7 +76,11 @@ class DemoSettings:
     lr: float = 1e-3
     warmup: int = 100
     num_steps: int = 100
-    num_samples: int = 128
+    num_samples: int = 512
+    sample_batch: int = 128
+    # Step counts of the quality-against-cost curve (empty: no curve); num_steps is reused.
+    curve_steps: tuple[int, ...] = (25, 50, 100, 200)
+    bootstrap_resamples: int = 200
     grid_samples: int = 64
     divergence: bool = True
     divergence_images: int = 512
@@ -100,10 +105,12 @@ class DemoSettings:
         if mode == "full":
             return cls(mode, train=True, train_steps={32: 2400, 16: 1600, 8: 1600})
         if mode == "quick":
-            return cls(mode, train=False, train_steps={}, divergence=False, bpd=False)
+            return cls(mode, train=False, train_steps={}, divergence=False, bpd=False,
+                       curve_steps=())
         if mode == "smoke":
             return cls(mode, train=True, train_steps={32: 4, 16: 4, 8: 4}, train_batch=4,
-                       warmup=1, num_steps=25, num_samples=4, grid_samples=4,
+                       warmup=1, num_steps=25, num_samples=8, sample_batch=4,
+                       curve_steps=(10, 25), bootstrap_resamples=20, grid_samples=4,
                        divergence_images=4, divergence_times=3, bpd_images=2, bpd_batch=2,
                        bpd_tol=1e-2, cost_repeats=1)
         raise ValueError(f"Unknown demo mode '{mode}': choose one of {', '.join(MODES)}.")
@@ -336,20 +343,27 @@ def _sampler_kwargs(config) -> dict:
                 snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each)
 
 
-def sample_full_only(full_net, config, settings: DemoSettings, progress: bool
+def sde_with_steps(config, num_steps: int) -> tuple[sde_lib.SDE, float]:
+    """The config's SDE discretised with `num_steps` steps N (the networks do not depend on N)."""
+    cfg = copy.deepcopy(config)
+    cfg.model.num_scales = int(num_steps)
+    return sde_lib.get_sde(cfg)
+
+
+def sample_full_only(full_net, config, batch: int, num_steps: int, seed: int, progress: bool
                      ) -> tuple[torch.Tensor, dict]:
-    """N-step PC sampling (the config's predictor/corrector) with the full network only."""
-    sde, eps = sde_lib.get_sde(config)
+    """One batch of N-step PC sampling (the config's predictor/corrector), full network only."""
+    sde, eps = sde_with_steps(config, num_steps)
     device = config.device
     score_fn = mutils.get_score_fn(sde, full_net, train=False, continuous=True)
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     began = time.perf_counter()
     cpu0 = time.process_time()
-    x = sde.prior_sampling((settings.num_samples, 3, FULL_SIZE, FULL_SIZE)).to(device)
+    x = sde.prior_sampling((batch, 3, FULL_SIZE, FULL_SIZE)).to(device)
     x, _, nfe = sampling.pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N,
                                           probability_flow=False, denoise=True,
-                                          progress=progress, desc="full only", eps=eps,
-                                          **_sampler_kwargs(config))
+                                          progress=progress, desc=f"full only, N = {sde.N}",
+                                          eps=eps, **_sampler_kwargs(config))
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu0
     return x, {"nfe": {str(FULL_SIZE): nfe}, "steps": {str(FULL_SIZE): sde.N},
                "seconds": seconds, "cpu_seconds": cpu, "stages": []}
@@ -357,22 +371,22 @@ def sample_full_only(full_net, config, settings: DemoSettings, progress: bool
 
 def sample_subspace(networks: dict[int, torch.nn.Module], config, sizes: Sequence[int],
                     cutoffs: dict[int, float], stats_path: Path, settings: DemoSettings,
-                    progress: bool) -> tuple[torch.Tensor, dict]:
-    """N-step subspace diffusion sampling (`subspace_sampling.subspace_pc_sample`) with the
-    plan `sizes` at the given cutoffs, conditional Langevin after each upsampling."""
-    sde, eps = sde_lib.get_sde(config)
+                    batch: int, num_steps: int, seed: int, progress: bool
+                    ) -> tuple[torch.Tensor, dict]:
+    """One batch of N-step subspace diffusion sampling (`subspace_sampling.subspace_pc_sample`)
+    with the plan `sizes` at the given cutoffs, conditional Langevin after each upsampling."""
+    sde, eps = sde_with_steps(config, num_steps)
     plan = sl.SubspacePlan.from_statistics(FULL_SIZE, tuple(sizes),
                                            tuple(cutoffs[s] for s in sizes), STATS_NAME,
                                            stats_path)
     nets = [networks[FULL_SIZE]] + [networks[s] for s in sizes]
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     cpu0 = time.process_time()
     x, reports = subspace_pc_sample(
-        nets, sde, plan, bool(config.data.centered),
-        (settings.num_samples, 3, FULL_SIZE, FULL_SIZE), eps=eps, probability_flow=False,
-        continuous=True, denoise=True, langevin_snr=settings.langevin_snr,
-        langevin_steps=settings.langevin_steps, device=config.device, progress=progress,
-        **_sampler_kwargs(config))
+        nets, sde, plan, bool(config.data.centered), (batch, 3, FULL_SIZE, FULL_SIZE),
+        eps=eps, probability_flow=False, continuous=True, denoise=True,
+        langevin_snr=settings.langevin_snr, langevin_steps=settings.langevin_steps,
+        device=config.device, progress=progress, **_sampler_kwargs(config))
     cpu = time.process_time() - cpu0
     nfe: dict[str, int] = {}
     steps: dict[str, int] = {}
@@ -382,6 +396,34 @@ def sample_subspace(networks: dict[int, torch.nn.Module], config, sizes: Sequenc
     return x, {"nfe": nfe, "steps": steps, "seconds": sum(r.seconds for r in reports),
                "cpu_seconds": cpu, "plan": plan.describe(),
                "stages": [_stage_dict(r) for r in reports]}
+
+
+def draw_samples(networks: dict[int, torch.nn.Module], config, sizes: Sequence[int],
+                 cutoffs: dict[int, float], stats_path: Path, settings: DemoSettings,
+                 num_steps: int, progress: bool) -> tuple[np.ndarray, dict]:
+    """`settings.num_samples` samples (uint8 NHWC) of one sampler at N = `num_steps`, drawn in
+    batches of `settings.sample_batch` (batch b seeded with seed + b, so every sampler and every
+    N starts from the same noise). Network evaluations are per batch; times are summed."""
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    batches = -(-settings.num_samples // settings.sample_batch)
+    chunks, info = [], None
+    for b in range(batches):
+        batch = min(settings.sample_batch, settings.num_samples - b * settings.sample_batch)
+        seed = settings.seed + b
+        if sizes:
+            x, part = sample_subspace(networks, config, sizes, cutoffs, stats_path, settings,
+                                      batch, num_steps, seed, progress)
+        else:
+            x, part = sample_full_only(networks[FULL_SIZE], config, batch, num_steps, seed,
+                                       progress)
+        chunks.append(evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1).cpu()))
+        if info is None:
+            info = part
+        else:
+            info["seconds"] += part["seconds"]
+            info["cpu_seconds"] += part["cpu_seconds"]
+    info.update(batches=batches, sample_batch=settings.sample_batch, num_steps=int(num_steps))
+    return np.concatenate(chunks), info
 
 
 def _stage_dict(report: StageReport) -> dict:
@@ -457,6 +499,18 @@ def machine_info() -> dict:
     return info
 
 
+def warn_if_busy(machine: dict) -> None:
+    """Say so when other work competes for the cores: the demo's timings (and speed-ups) are
+    then slower and noisier, and fewer torch threads often run faster."""
+    load = (machine.get("load_average_at_start") or [0.0])[0]
+    cores = machine.get("logical_cpus") or 1
+    if load > 0.5 * cores:
+        print(f"note: the machine is busy (load average {load:.1f} on {cores} logical CPUs): "
+              "timings will be slower and noisier than on an idle machine; with other jobs "
+              "running, `--threads 1` is often faster (make demo DEMO_ARGS=\"--threads 1\").",
+              flush=True)
+
+
 def save_sample_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path) -> Path:
     """The sample grids side by side, one titled panel each (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -475,6 +529,15 @@ def save_sample_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path) -
     return save_figure(fig, path, dpi=120)
 
 
+def _quality_text(entry: dict) -> str:
+    """'12.3 [11.0, 14.1] | 1.23 ± 0.45' (proxy FID with interval, proxy KID x 1e3)."""
+    low, high = entry.get("proxy_fid_interval", (float("nan"), float("nan")))
+    kid = entry.get("proxy_kid")
+    kid_text = "-" if kid is None else \
+        f"{1e3 * kid:.2f} ± {1e3 * entry.get('proxy_kid_std_error', float('nan')):.2f}"
+    return f"{_fmt(entry['proxy_fid'], 1)} [{_fmt(low, 1)}, {_fmt(high, 1)}] | {kid_text}"
+
+
 def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -485,19 +548,26 @@ def results_markdown(results: dict) -> str:
     """The results table (and the settings and machine it was measured with) as markdown."""
     s, m = results["settings"], results["machine"]
     cut = results["cutoffs"]
+    batches = -(-s["num_samples"] // s["sample_batch"])
     lines = [
         f"# Subspace diffusion demo ({results['mode']} mode)", "",
         f"Built-in dataset (32x32 crops of the scikit-image photographs), `{s['config']}` "
-        f"(sub-VP SDE, small DDPM++), Euler-Maruyama with the same N = {s['num_steps']} steps "
-        f"for every sampler, {s['num_samples']} samples each (one batch), seed {s['seed']}; "
-        f"after each upsampling {s['langevin_steps']} conditional Langevin steps (snr "
+        f"(sub-VP SDE, small DDPM++ with the Gaussian DC skip), Euler-Maruyama with the same "
+        f"N = {s['num_steps']} steps for every sampler, {s['num_samples']} samples each "
+        f"({batches} batches of {s['sample_batch']}, seeds {s['seed']}..{s['seed'] + batches - 1}"
+        f"); after each upsampling {s['langevin_steps']} conditional Langevin steps (snr "
         f"{s['langevin_snr']}). Cutoffs: "
         + ", ".join(f"{k}x{k} at t = {v:.3f}" for k, v in cut["values"].items())
         + f" ({cut['rule']}).", "",
         "| sampler | network evals 32 / 16 / 8 | time (s) | speed-up achieved | ideal, measured "
-        "costs | ideal, pixel costs | proxy FID | bits/dim | bits/dim - full |",
-        "|" + "---|" * 9]
+        "costs | ideal, pixel costs | proxy FID [95 % interval] | proxy KID x 1e3 | bits/dim "
+        "| bits/dim - full |",
+        "|" + "---|" * 10]
     bpd = results.get("bpd", {})
+    floor = results.get("data_quality")
+    if floor is not None:
+        lines.append(f"| held-out data ({floor['num_samples']} images) | - | - | - | - | - | "
+                     f"{_quality_text(floor)} | - | - |")
     for name, r in results["samplers"].items():
         nfe = r["nfe"]
         evals = " / ".join(str(nfe.get(k, 0)) for k in (str(FULL_SIZE),) + tuple(
@@ -510,9 +580,9 @@ def results_markdown(results: dict) -> str:
             f"{b['difference_to_full']:+.4f} ± {b['difference_std_error']:.4f}"
         lines.append(f"| {name} | {evals} | {_fmt(r['seconds'], 1)} | {sp['achieved']:.2f}x | "
                      f"{sp['ideal_measured_cost']:.2f}x | {sp['ideal_pixel_cost']:.2f}x | "
-                     f"{_fmt(r['proxy_fid'], 1)} | {bpd_text} | {diff} |")
+                     f"{_quality_text(r)} | {bpd_text} | {diff} |")
     for name, why in results.get("skipped_samplers", {}).items():
-        lines.append(f"| {name} | skipped: {why} | | | | | | | |")
+        lines.append(f"| {name} | skipped: {why} | | | | | | | | |")
     costs = results["network_cost"]
     lines += [
         "",
@@ -524,10 +594,14 @@ def results_markdown(results: dict) -> str:
         + ", ".join(f"{k}x{k} {1e3 * v['seconds']:.1f} ms" for k, v in costs.items())
         + ") or at costs proportional to the pixel count.",
         f"- Proxy FID: Frechet distance of {s['num_samples']} samples in a fixed random-conv "
-        "feature space to the training-set statistics (assets/stats/builtin_proxy_stats.npz); "
-        "a proxy, NOT the paper's Inception FID, comparable only within this table. "
-        f"{s['num_samples']} held-out test images score {_fmt(results['data_proxy_fid'], 1)} "
-        "(the floor at this sample count)."]
+        "feature space to the training-set statistics (assets/stats/builtin_proxy_stats.npz), "
+        f"with a percentile bootstrap 95 % interval ({s['bootstrap_resamples']} resamples of "
+        "the samples); a proxy, NOT the paper's Inception FID, comparable only within this "
+        "table. Proxy KID: the unbiased kernel distance (TF-GAN's cubic kernel) in the same "
+        "features against every training image, ± its standard error over blocks of 256; "
+        "unlike FID it is unbiased at small sample counts and assumes no Gaussian features. "
+        f"The first {s['num_samples']} held-out test images give the floor at this sample "
+        "count."]
     if bpd:
         first = next(iter(bpd.values()))
         lines.append(
@@ -539,6 +613,26 @@ def results_markdown(results: dict) -> str:
             "± is the standard error over images; the last column is the paired difference.")
     else:
         lines.append("- Bits/dim: not computed in this mode (`python demo.py --mode full`).")
+    curve = results.get("quality_cost") or {}
+    if any(len(points) > 1 for points in curve.values()):
+        lines += ["", f"Quality against cost ({s['num_samples']} samples per point; the figure "
+                  "is quality_cost.png):", "",
+                  "| sampler | N | network evals 32 / 16 / 8 | full-equivalent evals | "
+                  "time (s) | proxy FID [95 % interval] | proxy KID x 1e3 |",
+                  "|" + "---|" * 7]
+        for name, points in curve.items():
+            for n in sorted(points, key=int):
+                p = points[n]
+                evals = " / ".join(str(p["nfe"].get(k, 0)) for k in (str(FULL_SIZE),) + tuple(
+                    str(x) for x in SUBSPACE_SIZES))
+                lines.append(f"| {name} | {n} | {evals} | "
+                             f"{_fmt(p.get('full_equivalent_evals'), 1)} | "
+                             f"{_fmt(p['seconds'], 1)} | {_quality_text(p)} |")
+    checks = claim_checks(results)
+    if checks:
+        lines += ["", "Claims of the demo, as measured in this run:", ""]
+        lines += [f"- {'holds' if c['holds'] else 'FAILS'}: {c['claim']} ({c['value']})"
+                  for c in checks]
     lines += ["", "| model | weights | steps | time (s) | s / step | CPU s / step |",
               "|---|---|---|---|---|---|"]
     for size, t in results["training"].items():
@@ -595,54 +689,167 @@ def held_out_images(config, count: int) -> torch.Tensor:
     return torch.cat(batches)[:count]
 
 
+def training_features(config) -> np.ndarray:
+    """Proxy features of every training image (the reference set of the proxy KID)."""
+    train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
+    return np.concatenate([evaluation.proxy_features(batch["image"]) for batch in train_ds])
+
+
+def _quality_entry(uint8: np.ndarray, proxy_stats: dict, reference: np.ndarray,
+                   settings: DemoSettings) -> dict:
+    quality = evaluation.proxy_quality(uint8, proxy_stats, reference,
+                                       settings.bootstrap_resamples, seed=settings.seed)
+    return {"proxy_fid": quality["fid"]["value"],
+            "proxy_fid_interval": [quality["fid"]["low"], quality["fid"]["high"]],
+            "proxy_kid": quality["kid"]["value"],
+            "proxy_kid_std_error": quality["kid"]["std_error"],
+            "num_samples": quality["fid"]["samples"]}
+
+
+def _title(name: str, info: dict) -> str:
+    nfe = info["nfe"]
+    return (f"{name}: {nfe.get(str(FULL_SIZE), 0)} full"
+            + "".join(f" + {nfe[k]} {k}x{k}" for k in ("16", "8") if k in nfe)
+            + f" evals\n{info['seconds']:.1f} s, proxy FID {info['proxy_fid']:.1f}")
+
+
 def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[int, float],
                    stats_path: Path, settings: DemoSettings, workdir: Path,
                    progress: bool) -> dict:
-    """Per-evaluation costs, the samplers at the same N, their proxy FIDs, the grids and the
-    side-by-side figure; returns the results entries."""
+    """Per-evaluation costs; every sampler at N = num_steps (the table) and at each N of the
+    quality-against-cost curve, interleaved (N outer, sampler inner) so that a change of machine
+    load hits every sampler alike; proxy FID with bootstrap interval and proxy KID of each, and
+    of as many held-out images (the floor); the grids and figures. Returns the results entries."""
     sde, _ = sde_lib.get_sde(config)
     device = config.device
     label = float(sde.time_to_label(torch.tensor(0.5), continuous=True))
     print("== cost of one network evaluation, per size", flush=True)
-    costs = {str(s): network_cost(networks[s], settings.num_samples, s, label,
+    costs = {str(s): network_cost(networks[s], settings.sample_batch, s, label,
                                   settings.cost_repeats, device)
              for s in (FULL_SIZE,) + SUBSPACE_SIZES}
-    print(f"== sampling, N = {settings.num_steps} steps each", flush=True)
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
     proxy_stats = evaluation.load_dataset_stats(config, "proxy")
+    reference = training_features(config)
+    held_out = held_out_images(config, settings.num_samples)
+    floor = _quality_entry(evaluation.to_uint8_nhwc(held_out), proxy_stats, reference, settings)
     chosen, skipped = plans(cutoffs)
-    samplers, images = {}, {}
-    for name, sizes in chosen.items():
-        if sizes:
-            x, info = sample_subspace(networks, config, sizes, cutoffs, stats_path, settings,
-                                      progress)
-        else:
-            x, info = sample_full_only(networks[FULL_SIZE], config, settings, progress)
-        uint8 = evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1).cpu())
-        utils.atomic_numpy_save(workdir / "samples" / f"{_slug(name)}.npz", samples=uint8)
-        info["proxy_fid"] = evaluation.proxy_fid(uint8, proxy_stats)
-        info["cutoffs"] = {str(s): cutoffs[s] for s in sizes}
-        samplers[name] = info
-        images[name] = evaluation.to_float_nchw(uint8)
+    samplers: dict[str, dict] = {}
+    curve: dict[str, dict[str, dict]] = {name: {} for name in chosen}
+    images = {}
+    for num_steps in sorted(set(settings.curve_steps) | {settings.num_steps}):
+        print(f"== sampling, N = {num_steps} steps each, {settings.num_samples} samples",
+              flush=True)
+        for name, sizes in chosen.items():
+            uint8, info = draw_samples(networks, config, sizes, cutoffs, stats_path, settings,
+                                       num_steps, progress)
+            info.update(_quality_entry(uint8, proxy_stats, reference, settings))
+            curve[name][str(num_steps)] = {k: info[k] for k in (
+                "nfe", "seconds", "proxy_fid", "proxy_fid_interval", "proxy_kid",
+                "proxy_kid_std_error")}
+            if num_steps == settings.num_steps:
+                utils.atomic_numpy_save(workdir / "samples" / f"{_slug(name)}.npz",
+                                        samples=uint8)
+                info["cutoffs"] = {str(s): cutoffs[s] for s in sizes}
+                samplers[name] = info
+                images[name] = evaluation.to_float_nchw(uint8)
     baseline = samplers["full only"]
     for name, info in samplers.items():
         if name != "full only":
             info["speedup"] = speedups(info, baseline, costs)
+        for point in curve[name].values():
+            point["full_equivalent_evals"] = sum(
+                n * costs[size]["seconds"] for size, n in point["nfe"].items()) \
+                / costs[str(FULL_SIZE)]["seconds"]
 
-    held_out = held_out_images(config, settings.num_samples)
-    data_fid = evaluation.proxy_fid(evaluation.to_uint8_nhwc(held_out), proxy_stats)
-    panels = [(f"held-out data\nproxy FID {data_fid:.1f}", held_out[: settings.grid_samples])]
+    panels = [(f"held-out data\nproxy FID {floor['proxy_fid']:.1f}",
+               held_out[: settings.grid_samples])]
     for name, info in samplers.items():
-        nfe = info["nfe"]
-        title = (f"{name}: {nfe.get(str(FULL_SIZE), 0)} full"
-                 + "".join(f" + {nfe[k]} {k}x{k}" for k in ("16", "8") if k in nfe)
-                 + f" evals\n{info['seconds']:.1f} s, proxy FID {info['proxy_fid']:.1f}")
         grid = images[name][: settings.grid_samples]
-        panels.append((title, grid))
+        panels.append((_title(name, info), grid))
         utils.save_image_grid(grid, workdir / "samples" / f"{_slug(name)}.png")
     save_sample_figure(panels, workdir / "samples.png")
+    if len(settings.curve_steps) > 1:
+        save_quality_cost_figure(curve, floor, workdir / "quality_cost.png")
     return {"network_cost": costs, "samplers": samplers, "skipped_samplers": skipped,
-            "data_proxy_fid": data_fid}
+            "data_proxy_fid": floor["proxy_fid"], "data_quality": floor,
+            "quality_cost": curve}
+
+
+def save_quality_cost_figure(curve: dict[str, dict[str, dict]], floor: dict,
+                             path: Path) -> Path:
+    """Proxy FID (bootstrap 95 % interval as error bars) against wall-clock seconds and against
+    full-model-equivalent network evaluations, one line per sampler, points labelled by N."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from analysis.plots import save_figure
+
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    for name, points in curve.items():
+        steps = sorted(points, key=int)
+        fid = np.array([points[n]["proxy_fid"] for n in steps])
+        low = np.array([points[n]["proxy_fid_interval"][0] for n in steps])
+        high = np.array([points[n]["proxy_fid_interval"][1] for n in steps])
+        for ax, key in zip(axes, ("seconds", "full_equivalent_evals")):
+            xs = np.array([points[n][key] for n in steps])
+            ax.errorbar(xs, fid, yerr=[fid - low, high - fid], marker="o", capsize=3,
+                        label=name)
+            for x, y, n in zip(xs, fid, steps):
+                ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    for ax, xlabel in zip(axes, ("wall-clock seconds per sample set",
+                                 "full-model-equivalent network evaluations per batch")):
+        ax.axhspan(*floor["proxy_fid_interval"], color="0.85", label="held-out data (95 %)")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("proxy FID (lower is better)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Quality against cost, {floor['num_samples']} samples per point "
+                 "(error bars: bootstrap 95 % interval)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def claim_checks(results: dict) -> list[dict]:
+    """The demo's claims, each with its measured value and whether it holds: full-only proxy
+    FID at most 2x the held-out floor; each subspace sampler inside the full-only bootstrap
+    interval or better, and at most 1.15x its proxy FID; bits/dim within 0.05 of the full
+    model's; achieved speed-up at least 97 % of the ideal from the measured costs."""
+    checks = []
+    samplers = results["samplers"]
+    full = samplers.get("full only")
+    if full is None:
+        return checks
+    floor = results["data_proxy_fid"]
+    checks.append({"claim": "full-only proxy FID <= 2x held-out floor",
+                   "value": f"{full['proxy_fid']:.1f} vs {2 * floor:.1f}",
+                   "holds": full["proxy_fid"] <= 2 * floor})
+    for name, info in samplers.items():
+        if name == "full only":
+            continue
+        ratio = info["proxy_fid"] / full["proxy_fid"]
+        inside = info["proxy_fid"] <= full["proxy_fid_interval"][1]
+        checks.append({"claim": f"{name}: proxy FID within the full-only interval or better, "
+                                "and <= 1.15x full-only",
+                       "value": f"{info['proxy_fid']:.1f} (full-only interval "
+                                f"{full['proxy_fid_interval'][0]:.1f}-"
+                                f"{full['proxy_fid_interval'][1]:.1f}), ratio {ratio:.2f}",
+                       "holds": bool(inside and ratio <= 1.15)})
+        sp = info["speedup"]
+        share = sp["achieved"] / sp["ideal_measured_cost"]
+        checks.append({"claim": f"{name}: achieved speed-up >= 97 % of the ideal",
+                       "value": f"{sp['achieved']:.2f}x of {sp['ideal_measured_cost']:.2f}x "
+                                f"({100 * share:.0f} %)",
+                       "holds": share >= 0.97})
+        b = results.get("bpd", {}).get(name)
+        if b is not None and "difference_to_full" in b:
+            checks.append({"claim": f"{name}: bits/dim within 0.05 of the full model's",
+                           "value": f"{b['difference_to_full']:+.4f} ± "
+                                    f"{b['difference_std_error']:.4f}",
+                           "holds": abs(b["difference_to_full"]) <= 0.05})
+    return checks
 
 
 def likelihood_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[int, float],
@@ -683,6 +890,7 @@ def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: 
     phases: dict[str, float] = {}
     results: dict = {"mode": settings.mode, "machine": machine_info(),
                      "settings": {**dataclasses.asdict(settings), "config": CONFIG_MODULE}}
+    warn_if_busy(results["machine"])
 
     began = time.perf_counter()
     models = obtain_models(settings, workdir, device, reuse_builtin, progress)
@@ -782,7 +990,8 @@ def export(results: dict, models: dict[int, dict], workdir: Path,
                 "cutoffs": results["cutoffs"], "rmsd": results["rmsd"]}
     utils.atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     assets.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", "results.md", "samples.png", "divergence.png"):
+    for name in ("results.json", "results.md", "samples.png", "divergence.png",
+                 "quality_cost.png"):
         if (workdir / name).is_file():
             with utils.atomic_write(assets / name, "wb") as handle:
                 with open(workdir / name, "rb") as source:

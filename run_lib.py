@@ -16,6 +16,7 @@ import evaluation
 import losses
 import sampling
 import sde_lib
+import subspace_lib
 import utils
 from models import utils as mutils
 from models.ema import ExponentialMovingAverage
@@ -72,6 +73,23 @@ def create_train_state(config, device: torch.device) -> dict:
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
     optimizer = losses.get_optimizer(config, model.parameters())
     return dict(optimizer=optimizer, model=model, ema=ema, step=0)
+
+
+def set_dc_statistics(network: torch.nn.Module, config, device: torch.device) -> None:
+    """Give a network with `config.model.gaussian_dc_skip` the mean and covariance of its
+    training data's DC coordinates (one pass over the training split, scaled as in training,
+    no dequantization noise); a network without that option is left alone."""
+    if not getattr(network, "gaussian_dc_skip", False):
+        return
+    train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
+    scaler = datasets.get_data_scaler(config)
+    size = int(config.data.image_size)
+    k = subspace_lib.num_halvings(size, 1)
+    dc = torch.cat([subspace_lib.downsample(scaler(batch["image"].to(device)), k).flatten(1)
+                    for batch in train_ds]).to(torch.float64)
+    if dc.shape[0] < 2:
+        raise ValueError("The Gaussian DC skip needs at least 2 training images.")
+    network.set_dc_statistics(dc.mean(0), torch.cov(dc.T).reshape(dc.shape[1], dc.shape[1]))
 
 
 def _summary_writer(log_dir: Path):
@@ -133,6 +151,8 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     if main or paths["meta"].is_file():
         state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
     initial_step = int(state["step"])
+    if not getattr(state["model"], "has_dc_statistics", lambda: True)():
+        set_dc_statistics(state["model"], config, device)
     distributed.check_same_on_all_ranks(
         initial_step, f"the training step restored from {paths['meta']}",
         "put the workdir on a filesystem that every node shares")

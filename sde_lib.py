@@ -265,6 +265,29 @@ class VESDE(SDE):
         return f, G
 
 
+def gaussian_noise_gain(sde: SDE, t: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """The gain G(t) = sigma(t) (alpha(t)^2 cov + sigma(t)^2 I)^{-1} of the best predictor of the
+    noise z of x_t = alpha(t) x_0 + sigma(t) z when x_0 ~ N(mean, cov): E[z | x_t] =
+    G(t) (x_t - alpha(t) mean). `t` [B], `cov` [D, D]; returns [B, D, D] in float64. G grows from
+    about 0 where the data dominate x_t (alpha^2 cov >> sigma^2) to 1 / sigma at pure noise."""
+    t = t.to(torch.float64)
+    cov = cov.to(device=t.device, dtype=torch.float64)
+    alpha = sde.alpha(t).reshape(-1, 1, 1)
+    sigma = sde.sigma(t).reshape(-1, 1, 1)
+    eye = torch.eye(cov.shape[-1], dtype=torch.float64, device=t.device)
+    return sigma * torch.linalg.inv(alpha**2 * cov + sigma**2 * eye)
+
+
+def gaussian_noise_prediction(sde: SDE, x: torch.Tensor, t: torch.Tensor, mean: torch.Tensor,
+                              cov: torch.Tensor) -> torch.Tensor:
+    """E[z | x_t = x] for Gaussian data x_0 ~ N(mean, cov): G(t) (x - alpha(t) mean) with the
+    gain of `gaussian_noise_gain`; `x` [B, D], `t` [B]; float64 [B, D]."""
+    x = x.to(torch.float64)
+    alpha = sde.alpha(t.to(torch.float64)).reshape(-1, 1)
+    centred = x - alpha * mean.to(device=x.device, dtype=torch.float64)
+    return (gaussian_noise_gain(sde, t, cov) @ centred.unsqueeze(-1)).squeeze(-1)
+
+
 def get_sde(config) -> tuple[SDE, float]:
     """The SDE named by `config.training.sde` and the smallest time used in sampling."""
     name = config.training.sde.lower()

@@ -12,6 +12,8 @@ import functools
 import torch
 import torch.nn as nn
 
+import sde_lib
+import subspace_lib
 from models import layerspp
 from models.layers import dense, get_act, get_timestep_embedding
 from models.utils import get_sigmas, register_model
@@ -37,6 +39,16 @@ class NCSNpp(nn.Module):
     forward(x, time_cond): x is [B, C, H, W]; time_cond is sigma(t) for Fourier embeddings or the
     time label (e.g. 999 t) for positional ones. With `scale_by_sigma` the output is divided by
     sigma (eq. 6 of the NCSN++ appendix: the network models sigma * score).
+
+    `config.model.gaussian_dc_skip` (continuous VP / sub-VP only; off in every original config)
+    adds to the predicted noise the best prediction of the noise in the image's per-channel mean
+    (DC) under a Gaussian model of the data's DC coordinates, sde_lib.gaussian_noise_prediction
+    with the buffers `dc_mean` [C] and `dc_cov` [C, C] (set from the training data by
+    `set_dc_statistics`): a skip connection whose gain follows the noise level, as EDM's c_skip,
+    restricted to the 3 coordinates where the data's variance is largest. The network then learns
+    the residual. Without it a small network learns a DC gain that barely changes with t, while
+    the right gain runs from about 0 (data-dominated colour) to 1 (noise-dominated), and its
+    samples' colours blow up (`python -m analysis.bands` measures this).
     """
 
     def __init__(self, config):
@@ -45,6 +57,16 @@ class NCSNpp(nn.Module):
         model = config.model
         self.act = act = get_act(config)
         self.register_buffer("sigmas", get_sigmas(config))
+        self.gaussian_dc_skip = bool(model.get("gaussian_dc_skip", False))
+        if self.gaussian_dc_skip:
+            if (str(config.training.sde).lower() not in ("vpsde", "subvpsde")
+                    or not config.training.continuous):
+                raise ValueError("config.model.gaussian_dc_skip needs a continuous VP or sub-VP "
+                                 "SDE (a network that predicts the noise); turn it off.")
+            self._sde = sde_lib.get_sde(config)[0]
+            channels = config.data.num_channels
+            self.register_buffer("dc_mean", torch.zeros(channels, dtype=torch.float64))
+            self.register_buffer("dc_cov", torch.zeros(channels, channels, dtype=torch.float64))
 
         self.nf = nf = model.nf
         ch_mult = tuple(model.ch_mult)
@@ -195,10 +217,35 @@ class NCSNpp(nn.Module):
 
         self.all_modules = nn.ModuleList(modules)
 
+    def set_dc_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        """Set the mean [C] and covariance [C, C] of the training data's orthonormal DC
+        coordinates (scaled data, `subspace_lib.downsample` to 1x1) for `gaussian_dc_skip`."""
+        if not self.gaussian_dc_skip:
+            raise ValueError("This network has no Gaussian DC skip (config.model."
+                             "gaussian_dc_skip is off).")
+        self.dc_mean.copy_(torch.as_tensor(mean, dtype=torch.float64).reshape(-1))
+        self.dc_cov.copy_(torch.as_tensor(cov, dtype=torch.float64).reshape(self.dc_cov.shape))
+
+    def has_dc_statistics(self) -> bool:
+        """Whether the DC statistics of `gaussian_dc_skip` are set (always True without it)."""
+        return not self.gaussian_dc_skip or bool(torch.any(self.dc_cov != 0))
+
+    def _dc_skip(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
+        """The Gaussian DC noise prediction lifted to the image (constant per channel)."""
+        if not self.has_dc_statistics():
+            raise RuntimeError("The Gaussian DC skip has no data statistics: train the network "
+                               "with run_lib.train (it sets them) or call set_dc_statistics.")
+        k = subspace_lib.num_halvings(x.shape[-1], 1)
+        dc = subspace_lib.downsample(x, k).flatten(1)
+        t = self._sde.label_to_time(time_cond)
+        z_dc = sde_lib.gaussian_noise_prediction(self._sde, dc, t, self.dc_mean, self.dc_cov)
+        return subspace_lib.upsample(z_dc.to(x.dtype).reshape(*dc.shape, 1, 1), k)
+
     def forward(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
         """The network output for images x [B, C, H, W] at noise levels / labels time_cond [B]."""
         if time_cond.dim() == 0:
             time_cond = time_cond.expand(x.shape[0])
+        skip = self._dc_skip(x, time_cond) if self.gaussian_dc_skip else None
         modules = iter(self.all_modules)
 
         if self.embedding_type == "fourier":
@@ -278,4 +325,6 @@ class NCSNpp(nn.Module):
         if self.scale_by_sigma:
             # Positional models divide by the float64 table entry; the result keeps h's dtype.
             h = (h / used_sigmas.reshape(x.shape[0], *([1] * (h.dim() - 1)))).to(h.dtype)
+        if skip is not None:
+            h = h + skip
         return h

@@ -36,7 +36,11 @@ def test_smoke_writes_the_table_and_the_figure(smoke):
     assert "untrained" in saved["cutoffs"]["rule"]
     table = (workdir / "results.md").read_text()
     assert "NOT the paper's Inception FID" in table and "Machine:" in table
-    assert table.count("| subspace 16") == 2 and "| full only | 25 / 0 / 0 |" in table
+    assert "| full only | 25 / 0 / 0 |" in table and "| held-out data (8 images) |" in table
+    # One table row per sampler, one curve row per sampler and N, then the claims.
+    assert table.count("| subspace 16 | ") == 1 + len(settings.curve_steps)
+    assert "Claims of the demo, as measured in this run:" in table
+    assert (workdir / "quality_cost.png").is_file()
     from PIL import Image
 
     with Image.open(workdir / "samples.png") as figure:
@@ -64,7 +68,9 @@ def test_smoke_evaluation_split_at_the_same_n(smoke):
         assert set(info["nfe"]) == {"32", *map(str, sizes)}
         assert info["nfe"]["32"] == info["steps"]["32"] + settings.langevin_steps < n
         assert all(info["nfe"][str(s)] > 0 for s in sizes)
-        assert math.isfinite(info["proxy_fid"])
+        assert math.isfinite(info["proxy_fid"]) and math.isfinite(info["proxy_kid"])
+        low, high = info["proxy_fid_interval"]
+        assert 0 <= low <= high
         costs = results["network_cost"]
         ideal = (n * costs["32"]["seconds"]
                  / sum(k * costs[s]["seconds"] for s, k in info["nfe"].items()))
@@ -74,6 +80,15 @@ def test_smoke_evaluation_split_at_the_same_n(smoke):
         assert info["speedup"]["ideal_pixel_cost"] > 1
         assert info["speedup"]["achieved"] == pytest.approx(full["seconds"] / info["seconds"])
     assert math.isfinite(results["data_proxy_fid"])
+    # The curve's point at the table's N is the table's run (same seeds, same samples).
+    for name, info in results["samplers"].items():
+        point = results["quality_cost"][name][str(n)]
+        assert set(results["quality_cost"][name]) == {str(k) for k in settings.curve_steps}
+        assert point["proxy_fid"] == info["proxy_fid"] and point["nfe"] == info["nfe"]
+        assert point["full_equivalent_evals"] <= n + 1e-9
+    checks = demo_lib.claim_checks(results)
+    assert [c["claim"] for c in checks][0] == "full-only proxy FID <= 2x held-out floor"
+    assert len(checks) == 1 + 3 * 2  # per subspace sampler: quality, speed-up, bits/dim
 
 
 def test_smoke_bits_per_dim(smoke):

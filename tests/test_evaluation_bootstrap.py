@@ -1,0 +1,53 @@
+"""Sample-quality measures with uncertainty: bootstrap interval of a Frechet distance, proxy KID."""
+import numpy as np
+import pytest
+
+import evaluation
+
+
+def _stats(dim: int) -> dict:
+    return {"mu": np.zeros(dim), "sigma": np.eye(dim)}
+
+
+def test_bootstrap_interval_covers_a_known_distance_and_shrinks_with_samples():
+    """Features ~ N(m, I) against N(0, I): the Frechet distance is |m|^2 = 1."""
+    rng = np.random.default_rng(0)
+    dim, shift = 4, np.array([1.0, 0, 0, 0])
+    widths = []
+    for n in (200, 3200):
+        features = rng.standard_normal((n, dim)) + shift
+        result = evaluation.frechet_distance_bootstrap(features, _stats(dim), 200, seed=1)
+        assert result["samples"] == n
+        assert result["low"] <= result["value"] <= result["high"]
+        assert result["low"] < 1.0 < result["high"] + 0.05
+        widths.append(result["high"] - result["low"])
+    assert widths[1] < widths[0] / 2.5  # about 1 / sqrt(16) = 1/4
+
+
+def test_bootstrap_is_seeded_and_checks_its_input():
+    features = np.random.default_rng(0).standard_normal((50, 3))
+    a = evaluation.frechet_distance_bootstrap(features, _stats(3), 50, seed=3)
+    assert a == evaluation.frechet_distance_bootstrap(features, _stats(3), 50, seed=3)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        evaluation.frechet_distance_bootstrap(features[:1], _stats(3))
+    with pytest.raises(ValueError, match=r"level must lie in \(0, 1\)"):
+        evaluation.frechet_distance_bootstrap(features, _stats(3), level=1.0)
+
+
+def test_proxy_quality_of_data_against_itself():
+    """Two halves of one image distribution: proxy KID within a few standard errors of 0, while
+    a colour-shifted copy is far in both FID (disjoint intervals) and KID."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 200, size=(800, 1, 1, 3))
+    images = np.clip(base + rng.integers(0, 56, size=(800, 8, 8, 3)), 0, 255).astype(np.uint8)
+    reference = evaluation.proxy_features(images[:400])
+    mu, sigma = evaluation.gaussian_statistics(reference)
+    stats = {"mu": mu, "sigma": sigma, "proxy_version": evaluation.PROXY_VERSION}
+    same = evaluation.proxy_quality(images[400:], stats, reference, num_resamples=20,
+                                    kid_block_size=100)
+    assert abs(same["kid"]["value"]) < 4 * same["kid"]["std_error"]
+    shifted = np.clip(images[400:].astype(int) + 60, 0, 255).astype(np.uint8)
+    far = evaluation.proxy_quality(shifted, stats, reference, num_resamples=20,
+                                   kid_block_size=100)
+    assert far["fid"]["low"] > same["fid"]["high"]
+    assert far["kid"]["value"] > same["kid"]["value"] + 10 * far["kid"]["std_error"]
