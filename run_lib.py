@@ -37,9 +37,7 @@ def set_seed(seed: int) -> None:
 def resolve_device(config) -> torch.device:
     """`config.device` when set, else CUDA when present, else CPU. Under torchrun, joins the
     process group (unless the entry script did) and a CUDA device becomes this rank's GPU."""
-    device = getattr(config, "device", None)
-    device = torch.device(device) if device is not None else mutils.default_device()
-    return distributed.setup(device)
+    return distributed.setup(mutils.config_device(config))
 
 
 def example_generators(seed: int, step: int, positions: np.ndarray,

@@ -77,12 +77,18 @@ def default_device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+def config_device(config) -> torch.device:
+    """The device a config asks for: `config.device` when set (a torch.device or a name such as
+    "cpu"), else `default_device()`. Configs leave it unset, so it is chosen where they are used."""
+    device = getattr(config, "device", None)
+    return torch.device(device) if device is not None else default_device()
+
+
 def create_model(config) -> nn.Module:
-    """Build the network `config.model.name` on `config.device` (no DataParallel wrapper)."""
+    """Build the network `config.model.name` on `config_device(config)` (no DataParallel)."""
     model_cls = get_model(config.model.name)
     model = model_cls(config)
-    device = getattr(config, "device", None) or default_device()
-    return model.to(device)
+    return model.to(config_device(config))
 
 
 def get_model_fn(model: nn.Module, train: bool = False) -> Callable:
