@@ -87,6 +87,26 @@ def test_ema_copy_to_store_and_restore():
     assert torch.equal(module.linear.bias, torch.full((2,), 7.0))
 
 
+def test_ema_average_parameters_swaps_in_and_back_even_on_error():
+    module = Tiny()
+    _fill(module, 1.0, 1.0)
+    ema = ExponentialMovingAverage(module.parameters(), decay=0.5, use_num_updates=False)
+    _fill(module, 5.0, 7.0)
+    ema.update(module.parameters())  # averages 3 and 4
+    with ema.average_parameters(module.parameters()):  # a generator, as model.parameters() is
+        assert torch.equal(module.linear.weight, torch.full((2, 2), 3.0))
+        assert torch.equal(module.linear.bias, torch.full((2,), 4.0))
+        assert torch.equal(module.fixed, torch.ones(3))
+    assert torch.equal(module.linear.weight, torch.full((2, 2), 5.0))
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.average_parameters(module.parameters()):
+            module.linear.bias.data.fill_(-1.0)
+            raise RuntimeError("inside")
+    assert torch.equal(module.linear.weight, torch.full((2, 2), 5.0))
+    assert torch.equal(module.linear.bias, torch.full((2,), 7.0))
+    assert torch.equal(ema.shadow_params[1], torch.full((2,), 4.0))
+
+
 def test_ema_state_dict_format_and_round_trip():
     module = Tiny()
     ema = ExponentialMovingAverage(module.parameters(), decay=0.99)
