@@ -23,48 +23,33 @@ from tqdm import tqdm
 
 import sde_lib
 from models import utils as mutils
+from registry import Registry
 from sde_lib import batch_broadcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-_PREDICTORS: dict[str, type] = {}
-_CORRECTORS: dict[str, type] = {}
+_PREDICTORS = Registry("predictor")
+_CORRECTORS = Registry("corrector")
 
 
-def _registrar(registry: dict, kind: str):
-    def register(cls=None, *, name: str | None = None):
-        def _register(cls):
-            local_name = cls.__name__ if name is None else name
-            if local_name in registry and registry[local_name] is not cls:
-                raise ValueError(f"A {kind} named '{local_name}' is already registered.")
-            registry[local_name] = cls
-            return cls
-
-        return _register if cls is None else _register(cls)
-
-    return register
+def register_predictor(cls=None, *, name: str | None = None):
+    """Class decorator registering a predictor under `name`."""
+    return _PREDICTORS.register(cls, name=name)
 
 
-register_predictor = _registrar(_PREDICTORS, "predictor")
-register_predictor.__doc__ = "Class decorator registering a predictor under `name`."
-register_corrector = _registrar(_CORRECTORS, "corrector")
-register_corrector.__doc__ = "Class decorator registering a corrector under `name`."
+def register_corrector(cls=None, *, name: str | None = None):
+    """Class decorator registering a corrector under `name`."""
+    return _CORRECTORS.register(cls, name=name)
 
 
 def get_predictor(name: str) -> type[Predictor]:
     """The predictor class registered as `name` (the config's `sampling.predictor`)."""
-    if name not in _PREDICTORS:
-        known = ", ".join(sorted(_PREDICTORS))
-        raise ValueError(f"Unknown predictor '{name}': choose one of {known}.")
-    return _PREDICTORS[name]
+    return _PREDICTORS.get(name)
 
 
 def get_corrector(name: str) -> type[Corrector]:
     """The corrector class registered as `name` (the config's `sampling.corrector`)."""
-    if name not in _CORRECTORS:
-        known = ", ".join(sorted(_CORRECTORS))
-        raise ValueError(f"Unknown corrector '{name}': choose one of {known}.")
-    return _CORRECTORS[name]
+    return _CORRECTORS.get(name)
 
 
 def _discrete_index(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:

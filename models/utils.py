@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 
 import sde_lib
+from registry import Registry
 
-_MODELS: dict[str, type[nn.Module]] = {}
+_MODELS = Registry(
+    "model", "Unknown model name '{name}': config.model.name must be one of {known}.")
 
 # Modules whose import registers a network; imported on demand so `create_model` knows them all.
 _NETWORK_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2")
@@ -17,15 +19,7 @@ _NETWORK_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2")
 
 def register_model(cls=None, *, name: str | None = None):
     """Class decorator registering a network under `name` (default: the class name)."""
-
-    def _register(cls):
-        local_name = cls.__name__ if name is None else name
-        if local_name in _MODELS and _MODELS[local_name] is not cls:
-            raise ValueError(f"A model named '{local_name}' is already registered.")
-        _MODELS[local_name] = cls
-        return cls
-
-    return _register if cls is None else _register(cls)
+    return _MODELS.register(cls, name=name)
 
 
 def _import_networks() -> None:
@@ -39,10 +33,7 @@ def get_model(name: str) -> type[nn.Module]:
     """The network class registered as `name` (the config's `model.name`)."""
     if name not in _MODELS:
         _import_networks()
-    if name not in _MODELS:
-        known = ", ".join(sorted(_MODELS))
-        raise ValueError(f"Unknown model name '{name}': config.model.name must be one of {known}.")
-    return _MODELS[name]
+    return _MODELS.get(name)
 
 
 def get_sigmas(config) -> torch.Tensor:
