@@ -43,26 +43,6 @@ def get_sigmas(config) -> torch.Tensor:
     return torch.from_numpy(sigmas)
 
 
-def get_ddpm_params(config) -> dict:
-    """Discrete DDPM noise schedule of the original DDPM paper (beta from 1e-4 to 0.02 scaled)."""
-    num_diffusion_timesteps = 1000
-    beta_start = config.model.beta_min / config.model.num_scales
-    beta_end = config.model.beta_max / config.model.num_scales
-    betas = torch.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=torch.float64)
-    alphas = 1.0 - betas
-    alphas_cumprod = torch.cumprod(alphas, dim=0)
-    return {
-        "betas": betas,
-        "alphas": alphas,
-        "alphas_cumprod": alphas_cumprod,
-        "sqrt_alphas_cumprod": torch.sqrt(alphas_cumprod),
-        "sqrt_1m_alphas_cumprod": torch.sqrt(1.0 - alphas_cumprod),
-        "beta_min": beta_start * (num_diffusion_timesteps - 1),
-        "beta_max": beta_end * (num_diffusion_timesteps - 1),
-        "num_diffusion_timesteps": num_diffusion_timesteps,
-    }
-
-
 def default_device() -> torch.device:
     """CUDA when a GPU is present, else CPU (chosen at run time, never at import)."""
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -128,12 +108,3 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, train: bool = False,
 
     return score_fn
 
-
-def to_flattened_numpy(x: torch.Tensor):
-    """Flatten a tensor into a float64-compatible NumPy vector (for SciPy solvers)."""
-    return x.detach().cpu().numpy().reshape((-1,))
-
-
-def from_flattened_numpy(x, shape) -> torch.Tensor:
-    """Inverse of `to_flattened_numpy`."""
-    return torch.from_numpy(x.reshape(shape))
