@@ -27,6 +27,9 @@ from registry import Registry
 from sde_lib import batch_broadcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Per-update hook of the PC loop: (x, x_mean, t) -> the state to continue from (or None: unchanged).
+StepCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                        "tuple[torch.Tensor, torch.Tensor] | None"]
 
 _PREDICTORS = Registry("predictor")
 _CORRECTORS = Registry("corrector")
@@ -352,15 +355,18 @@ class _CountingScore:
 def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
                      t_end: float, num_steps: int, predictor, corrector, snr: float,
                      n_steps_each: int = 1, probability_flow: bool = False, denoise: bool = False,
-                     progress: bool = True, desc: str | None = None, *, eps: float | None = None
+                     progress: bool = True, desc: str | None = None, *, eps: float | None = None,
+                     callback: StepCallback | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run the predictor-corrector loop on state x from t_start down to t_end.
 
     At each of `num_steps` times (see `window_timesteps`; pass the sampler's `eps` to use the
     full sampler's grid) one corrector update of `n_steps_each` steps is followed by one predictor
-    step. `predictor` / `corrector` are classes, registered names, or None. Returns the final
-    state (its noise-free mean when `denoise`), the noise-free mean, and the number of score
-    evaluations.
+    step (Song et al. 2021, Algorithm 1). `predictor` / `corrector` are classes, registered names,
+    or None. `callback(x, x_mean, t)` runs after every corrector and every predictor update and
+    may return a replacement `(x, x_mean)`: inpainting and colorization impose the known part of
+    the state there (Appendix I.2). Returns the final state (its noise-free mean when
+    `denoise`), the noise-free mean, and the number of score evaluations.
     """
     predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
     corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
@@ -372,8 +378,10 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
     with torch.no_grad():
         for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
             vec_t = torch.ones(x.shape[0], device=x.device) * t
-            x, x_mean = corrector_obj.update_fn(x, vec_t)
-            x, x_mean = predictor_obj.update_fn(x, vec_t)
+            for update in (corrector_obj.update_fn, predictor_obj.update_fn):
+                x, x_mean = update(x, vec_t)
+                if callback is not None:
+                    x, x_mean = callback(x, x_mean, vec_t) or (x, x_mean)
     return (x_mean if denoise else x), x_mean, counted.count
 
 
