@@ -146,11 +146,6 @@ def test_ema_bad_input_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ncsnpp():
-    """Skip until models/ncsnpp.py is in the tree."""
-    pytest.importorskip("models.ncsnpp", reason="models/ncsnpp.py is not written yet")
-
 
 def tiny_config(nf: int = 8, image_size: int = 8):
     """The VE CIFAR-10 NCSN++ config (Fourier `W`, FIR, float64 sigmas), shrunk to run in ms."""
@@ -198,7 +193,7 @@ def _output(model, config) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def saved(ncsnpp, tmp_path_factory):
+def saved(tmp_path_factory):
     """A tiny NCSN++ trained for one step and saved, shared by the tests: (state, path)."""
     state = tiny_state(tiny_config(), seed=0)
     train(state, 1)
@@ -297,12 +292,12 @@ def test_bare_and_unprefixed_state_dicts_load(saved, tmp_path):
         utils.load_model_weights(mutils.create_model(config), extra)
 
 
-def test_unknown_model_name(ncsnpp):
+def test_unknown_model_name():
     with pytest.raises(ValueError, match="Unknown model name 'ncsn_pp'.*must be one of"):
         mutils.get_model("ncsn_pp")
 
 
-def test_missing_checkpoint_file(ncsnpp, tmp_path, caplog):
+def test_missing_checkpoint_file(tmp_path, caplog):
     state = tiny_state(tiny_config(), seed=0)
     path = tmp_path / "nowhere" / "checkpoint.pth"
     with pytest.raises(FileNotFoundError, match=f"No checkpoint file at {path}"):
@@ -329,7 +324,7 @@ def test_truncated_checkpoint(saved, tmp_path):
         utils.load_model_weights(state["model"], broken)
 
 
-def test_files_that_are_not_checkpoints(ncsnpp, tmp_path):
+def test_files_that_are_not_checkpoints(tmp_path):
     state = tiny_state(tiny_config(), seed=0)
     listing = tmp_path / "list.pth"
     torch.save([1, 2], listing)

@@ -244,7 +244,6 @@ def test_builtin_family_values():
 
 @pytest.mark.parametrize("name", ["builtin/ve_ncsnpp_small", "builtin/subvp_ddpmpp_small"])
 def test_builtin_networks_build_at_every_subspace_size(name):
-    pytest.importorskip("models.ncsnpp", reason="models/ncsnpp.py is not in the tree yet")
     from models.utils import create_model
 
     for size in (32, 16, 8):

@@ -6,6 +6,7 @@ the probability-flow ODE is the affine map between the marginals.
 """
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -400,7 +401,6 @@ def test_solve_ode_rejects_unknown_solver_and_method():
 
 
 def test_get_sampling_fn_builds_from_config():
-    ml_collections = pytest.importorskip("ml_collections")
     config = ml_collections.ConfigDict({
         "device": "cpu",
         "training": {"continuous": True},
@@ -408,13 +408,22 @@ def test_get_sampling_fn_builds_from_config():
                      "snr": 0.16, "n_steps_each": 1, "probability_flow": False,
                      "noise_removal": True},
     })
-    sde = sde_lib.VPSDE(N=10)
+    sde = sde_lib.VPSDE(N=50)  # the discrete betas beta_max / N must stay below 1
     net = GaussianScoreNet(sde, MU, STD)
+    torch.manual_seed(0)
     samples, nfe = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)(net)
-    assert samples.shape == (2, 1, 4, 4) and nfe == 20
+    torch.manual_seed(0)
+    expected, _ = sampling.get_pc_sampler(sde, (2, 1, 4, 4), "reverse_diffusion", "langevin",
+                                          _identity, 0.16, n_steps=1, continuous=True,
+                                          denoise=True, eps=1e-3, device="cpu")(net)
+    assert torch.isfinite(samples).all() and torch.equal(samples, expected) and nfe == 100
     config.sampling.method = "ode"
+    config.sampling.noise_removal = False
+    torch.manual_seed(1)
     samples, nfe = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)(net)
-    assert samples.shape == (2, 1, 4, 4) and nfe > 10
+    torch.manual_seed(1)
+    exact = _exact_flow(net, sde.prior_sampling((2, 1, 4, 4)), 1.0, 1e-3)
+    assert (samples - exact).abs().max() < 1e-3 and nfe > 10
     config.sampling.method = "ddim"
     with pytest.raises(ValueError, match="'pc' or 'ode'"):
         sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)
