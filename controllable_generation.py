@@ -2,8 +2,10 @@
 
 Both solve an inverse problem by running the predictor-corrector sampler while the known part of
 the state is replaced, after every update, by the data perturbed to the current time, x_known(t) =
-alpha(t) y + sigma(t) z (Song et al. 2021, Appendix I.2). The model can be any network called as
-`model(x, labels)`, the implicit subspace score (`models.subspace_model.SubspaceScore`) included.
+alpha(t) y + sigma(t) z (Song et al. 2021, Appendix I.2): the windowed sampler
+`sampling.pc_sample_window` with the replacement as its per-update callback. The model can be
+any network called as `model(x, labels)`, the implicit subspace score
+(`models.subspace_model.SubspaceScore`) included.
 """
 from __future__ import annotations
 
