@@ -2,8 +2,10 @@
 
 Both solve an inverse problem by running the predictor-corrector sampler while the known part of
 the state is replaced, after every update, by the data perturbed to the current time, x_known(t) =
-alpha(t) y + sigma(t) z (Song et al. 2021, Appendix I.2). The model can be any network called as
-`model(x, labels)`, the implicit subspace score (`models.subspace_model.SubspaceScore`) included.
+alpha(t) y + sigma(t) z (Song et al. 2021, Appendix I.2): the windowed sampler
+`sampling.pc_sample_window` with the replacement as its per-update callback. The model can be
+any network called as `model(x, labels)`, the implicit subspace score
+(`models.subspace_model.SubspaceScore`) included.
 """
 from __future__ import annotations
 
@@ -11,17 +13,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 import sde_lib
 from models import utils as mutils
-from sampling import (
-    NoneCorrector,
-    NonePredictor,
-    get_corrector,
-    get_predictor,
-    resolve_update_class,
-)
+from sampling import pc_sample_window
 from sde_lib import batch_broadcast
 
 # Known part of the state from its noise-free mean, noisy state and time: (x, x_mean, t) -> both.
@@ -31,17 +26,11 @@ Impose = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 def _conditional_pc_loop(score_fn, sde: sde_lib.SDE, x: torch.Tensor, predictor, corrector,
                          snr: float, n_steps: int, probability_flow: bool, eps: float,
                          impose: Impose, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PC loop over linspace(T, eps, N) with `impose` applied after every update."""
-    predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
-    corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
-    predictor_obj = predictor_cls(sde, score_fn, probability_flow)
-    corrector_obj = corrector_cls(sde, score_fn, snr, n_steps)
-    x_mean = x
-    for t in tqdm(torch.linspace(sde.T, eps, sde.N, device=x.device), disable=not progress,
-                  leave=False):
-        vec_t = torch.ones(x.shape[0], device=x.device) * t
-        x, x_mean = impose(*corrector_obj.update_fn(x, vec_t), vec_t)
-        x, x_mean = impose(*predictor_obj.update_fn(x, vec_t), vec_t)
+    """The PC sampler over linspace(T, eps, N) with `impose` applied after every update: the
+    windowed sampler `pc_sample_window` over [T, eps] with `impose` as its per-update callback."""
+    x, x_mean, _ = pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N, predictor, corrector,
+                                    snr, n_steps_each=n_steps, probability_flow=probability_flow,
+                                    progress=progress, callback=impose)
     return x, x_mean
 
 

@@ -21,19 +21,6 @@ from sampling import probability_flow_drift, solve_ode
 _BITS_PER_PIXEL = 8.0
 
 
-def get_div_fn(fn: Callable) -> Callable:
-    """div_fn(x, t, v) = v^T (d fn(x, t) / dx) v per example: Hutchinson's divergence estimate."""
-
-    def div_fn(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            x = x.detach().requires_grad_(True)
-            fn_v = torch.sum(fn(x, t) * noise)
-            grad = torch.autograd.grad(fn_v, x)[0]
-        return torch.sum(grad * noise, dim=tuple(range(1, x.dim())))
-
-    return div_fn
-
-
 def bits_per_dim_offset(inverse_scaler: Callable) -> float:
     """Offset converting bits/dim of scaled data to bits/dim of 8-bit pixels.
 

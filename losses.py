@@ -188,14 +188,8 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
             state["step"] += 1
             state["ema"].update(model.parameters())
         else:
-            with torch.no_grad():
-                ema = state["ema"]
-                ema.store(model.parameters())
-                ema.copy_to(model.parameters())
-                try:
-                    loss = loss_fn(model, batch, generator=generator)
-                finally:
-                    ema.restore(model.parameters())
+            with torch.no_grad(), state["ema"].average_parameters(model.parameters()):
+                loss = loss_fn(model, batch, generator=generator)
         return loss
 
     return step_fn

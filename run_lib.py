@@ -38,9 +38,7 @@ def set_seed(seed: int) -> None:
 def resolve_device(config) -> torch.device:
     """`config.device` when set, else CUDA when present, else CPU. Under torchrun, joins the
     process group (unless the entry script did) and a CUDA device becomes this rank's GPU."""
-    device = getattr(config, "device", None)
-    device = torch.device(device) if device is not None else mutils.default_device()
-    return distributed.setup(device)
+    return distributed.setup(mutils.config_device(config))
 
 
 def example_generators(seed: int, step: int, positions: np.ndarray,
@@ -109,14 +107,9 @@ def _iterate_forever(dataset):
 
 
 def _snapshot_samples(sampling_fn, state, step: int, sample_dir: Path) -> None:
-    ema = state["ema"]
     model = state["model"]
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
-    try:
+    with state["ema"].average_parameters(model.parameters()):
         samples, _ = sampling_fn(model)
-    finally:
-        ema.restore(model.parameters())
     this_dir = sample_dir / f"iter_{step}"
     images = samples.clamp(0.0, 1.0).cpu()
     uint8 = evaluation.to_uint8_nhwc(images)
@@ -392,9 +385,7 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
             total, count = distributed.all_reduce_sum([sum(values), len(values)])
             report["eval_loss"] = total / count
             logger.info("checkpoint %d: eval loss %.5e", ckpt, report["eval_loss"])
-        state["ema"].store(model.parameters())
-        state["ema"].copy_to(model.parameters())
-        try:
+        with state["ema"].average_parameters(model.parameters()):
             if config.eval.enable_bpd:
                 num_repeats = 5 if config.data.uniform_dequantization else 1
                 bpds, nfe = gather_bpd(*compute_bpd(likelihood_fn, model, config, scaler, device,
@@ -412,8 +403,6 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
                     if metrics is not None:
                         report.update(metrics)
                         logger.info("checkpoint %d: %s", ckpt, metrics)
-        finally:
-            state["ema"].restore(model.parameters())
         if main:
             _write_report(eval_dir / f"report_{ckpt}.json", report)
         reports[ckpt] = distributed.broadcast_from_main(report)

@@ -23,48 +23,36 @@ from tqdm import tqdm
 
 import sde_lib
 from models import utils as mutils
+from registry import Registry
 from sde_lib import batch_broadcast
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Per-update hook of the PC loop: (x, x_mean, t) -> the state to continue from (or None: unchanged).
+StepCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                        "tuple[torch.Tensor, torch.Tensor] | None"]
 
-_PREDICTORS: dict[str, type] = {}
-_CORRECTORS: dict[str, type] = {}
-
-
-def _registrar(registry: dict, kind: str):
-    def register(cls=None, *, name: str | None = None):
-        def _register(cls):
-            local_name = cls.__name__ if name is None else name
-            if local_name in registry and registry[local_name] is not cls:
-                raise ValueError(f"A {kind} named '{local_name}' is already registered.")
-            registry[local_name] = cls
-            return cls
-
-        return _register if cls is None else _register(cls)
-
-    return register
+_PREDICTORS = Registry("predictor")
+_CORRECTORS = Registry("corrector")
 
 
-register_predictor = _registrar(_PREDICTORS, "predictor")
-register_predictor.__doc__ = "Class decorator registering a predictor under `name`."
-register_corrector = _registrar(_CORRECTORS, "corrector")
-register_corrector.__doc__ = "Class decorator registering a corrector under `name`."
+def register_predictor(cls=None, *, name: str | None = None):
+    """Class decorator registering a predictor under `name`."""
+    return _PREDICTORS.register(cls, name=name)
+
+
+def register_corrector(cls=None, *, name: str | None = None):
+    """Class decorator registering a corrector under `name`."""
+    return _CORRECTORS.register(cls, name=name)
 
 
 def get_predictor(name: str) -> type[Predictor]:
     """The predictor class registered as `name` (the config's `sampling.predictor`)."""
-    if name not in _PREDICTORS:
-        known = ", ".join(sorted(_PREDICTORS))
-        raise ValueError(f"Unknown predictor '{name}': choose one of {known}.")
-    return _PREDICTORS[name]
+    return _PREDICTORS.get(name)
 
 
 def get_corrector(name: str) -> type[Corrector]:
     """The corrector class registered as `name` (the config's `sampling.corrector`)."""
-    if name not in _CORRECTORS:
-        known = ", ".join(sorted(_CORRECTORS))
-        raise ValueError(f"Unknown corrector '{name}': choose one of {known}.")
-    return _CORRECTORS[name]
+    return _CORRECTORS.get(name)
 
 
 def _discrete_index(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
@@ -367,15 +355,18 @@ class _CountingScore:
 def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
                      t_end: float, num_steps: int, predictor, corrector, snr: float,
                      n_steps_each: int = 1, probability_flow: bool = False, denoise: bool = False,
-                     progress: bool = True, desc: str | None = None, *, eps: float | None = None
+                     progress: bool = True, desc: str | None = None, *, eps: float | None = None,
+                     callback: StepCallback | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run the predictor-corrector loop on state x from t_start down to t_end.
 
     At each of `num_steps` times (see `window_timesteps`; pass the sampler's `eps` to use the
     full sampler's grid) one corrector update of `n_steps_each` steps is followed by one predictor
-    step. `predictor` / `corrector` are classes, registered names, or None. Returns the final
-    state (its noise-free mean when `denoise`), the noise-free mean, and the number of score
-    evaluations.
+    step (Song et al. 2021, Algorithm 1). `predictor` / `corrector` are classes, registered names,
+    or None. `callback(x, x_mean, t)` runs after every corrector and every predictor update and
+    may return a replacement `(x, x_mean)`: inpainting and colorization impose the known part of
+    the state there (Appendix I.2). Returns the final state (its noise-free mean when
+    `denoise`), the noise-free mean, and the number of score evaluations.
     """
     predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
     corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
@@ -387,8 +378,10 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
     with torch.no_grad():
         for t in tqdm(timesteps, desc=desc, disable=not progress, leave=False):
             vec_t = torch.ones(x.shape[0], device=x.device) * t
-            x, x_mean = corrector_obj.update_fn(x, vec_t)
-            x, x_mean = predictor_obj.update_fn(x, vec_t)
+            for update in (corrector_obj.update_fn, predictor_obj.update_fn):
+                x, x_mean = update(x, vec_t)
+                if callback is not None:
+                    x, x_mean = callback(x, x_mean, vec_t) or (x, x_mean)
     return (x_mean if denoise else x), x_mean, counted.count
 
 

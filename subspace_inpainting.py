@@ -75,7 +75,7 @@ def run(config) -> None:
 
     config.eval.batch_size = FLAGS.batch_size
     sde, eps = sde_lib.get_sde(config)
-    device = torch.device(config.device) if config.device else mutils.default_device()
+    device = mutils.config_device(config)
     full = load_model_weights(mutils.create_model(config), ckpt_full)
     subs = [load_model_weights(mutils.create_model(cfg), path)
             for cfg, path in zip(subspace_configs(config, sizes), ckpts)]

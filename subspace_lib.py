@@ -147,7 +147,7 @@ def dataset_rmsd(dataset: str, full_size: int, subspace_size: int,
 def write_rmsd(dataset: str, full_size: int, rmsd: dict[int, float],
                path: str | os.PathLike | None = None) -> Path:
     """Add or replace the RMSD values of `dataset` at `full_size` in the statistics file."""
-    from utils import atomic_write_text
+    from files import atomic_write_text
 
     path = Path(path) if path is not None else DEFAULT_RMSD_PATH
     raw = json.loads(path.read_text()) if path.is_file() else {}

@@ -230,7 +230,8 @@ def _cli() -> None:
     result = fisher_divergence(
         score_fn, sde, train_ds if FLAGS.split == "train" else eval_ds, rmsd, times,
         centered=bool(config.data.centered), num_images=FLAGS.num_images,
-        seed=config.seed if FLAGS.seed is None else FLAGS.seed, device=config.device,
+        seed=config.seed if FLAGS.seed is None else FLAGS.seed,
+        device=mutils.config_device(config),
         progress=FLAGS.progress)
     out = Path(FLAGS.out)
     # NaN (sub-VP at t = 0) is written as the bare NaN of the reference files.

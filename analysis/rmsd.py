@@ -394,6 +394,7 @@ def _cli() -> None:
 
     import datasets
     from analysis.cli import UsageError, check_full_size, parse_sizes
+    from models.utils import config_device
     from utils import atomic_write_text
 
     FLAGS = flags.FLAGS
@@ -413,7 +414,7 @@ def _cli() -> None:
     table = rmsd_table(dataset, sizes, methods, max_images=FLAGS.max_images,
                        pca_fit_images=FLAGS.pca_fit_images or None,
                        patch_pca_fit_images=FLAGS.patch_pca_fit_images or None,
-                       device=config.device, progress=FLAGS.progress)
+                       device=config_device(config), progress=FLAGS.progress)
     table = {"dataset": name, "split": FLAGS.split, **table}
     print(format_rmsd_table(table))
     out = Path(FLAGS.out or f"rmsd_{name}_{table['image_size']}.json")

@@ -2,11 +2,9 @@
 import ml_collections
 from ml_collections import config_dict
 
-from models.utils import default_device
-
 
 def get_default_configs() -> ml_collections.ConfigDict:
-    """CIFAR-10 defaults of the score-SDE code; `device` is picked when this runs."""
+    """CIFAR-10 defaults of the score-SDE code; `device` is left to the code that uses them."""
     config = ml_collections.ConfigDict()
     config.training = ml_collections.ConfigDict(dict(
         batch_size=128,
@@ -67,5 +65,6 @@ def get_default_configs() -> ml_collections.ConfigDict:
         grad_clip=1.,
     ))
     config.seed = 42
-    config.device = default_device()
+    # None: the device is chosen where the config is used (models.utils.config_device).
+    config.device = None
     return config

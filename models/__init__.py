@@ -1,1 +1,3 @@
-"""Score networks. Importing a network module registers it under its config name."""
+"""Score networks (importing a network module registers it under its config name), the model
+registry and score-function wrapper (`models.utils`), the EMA (`models.ema`) and the checkpoint
+format (`models.checkpoints`)."""

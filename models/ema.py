@@ -6,7 +6,8 @@ order, and `state_dict()` is `{"decay", "num_updates", "shadow_params"}`.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -79,6 +80,19 @@ class ExponentialMovingAverage:
         with torch.no_grad():
             for saved, param in zip(self.collected_params, params):
                 param.copy_(saved)
+
+    @contextlib.contextmanager
+    def average_parameters(self, parameters: Iterable[torch.Tensor]) -> Iterator[None]:
+        """Inside the block the trainable `parameters` hold their moving averages; on exit (also
+        after an exception) every parameter gets its raw value back (`store`, `copy_to`,
+        `restore`), e.g. to sample or evaluate a loss with the EMA weights during training."""
+        params = list(parameters)
+        self.store(params)
+        self.copy_to(params)
+        try:
+            yield
+        finally:
+            self.restore(params)
 
     def state_dict(self) -> dict:
         """`{"decay", "num_updates", "shadow_params"}`, the format of the published checkpoints."""

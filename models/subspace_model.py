@@ -191,7 +191,7 @@ def load_subspace_model(config, ckpt_full, ckpt_subspace, sizes, cutoffs,
         sde, eps = sde_lib.get_sde(config)
         score_fn = models.utils.get_score_fn(sde, model, train=False, continuous=True)
     """
-    import utils
+    from models.checkpoints import load_model_weights
     from models.utils import create_model
 
     sizes = sl.parse_int_list(sizes, "subspace")
@@ -203,8 +203,8 @@ def load_subspace_model(config, ckpt_full, ckpt_subspace, sizes, cutoffs,
     if dataset is None:
         dataset = sl.dataset_stats_name(config)
     sde, _ = sde_lib.get_sde(config)
-    full = utils.load_model_weights(create_model(config), ckpt_full)
-    subs = [utils.load_model_weights(create_model(cfg), path.strip())
+    full = load_model_weights(create_model(config), ckpt_full)
+    subs = [load_model_weights(create_model(cfg), path.strip())
             for cfg, path in zip(subspace_configs(config, sizes), paths)]
     model = build_subspace_model(config, sde, full, subs, sizes, cutoffs, dataset, stats_path,
                                  legacy_batch_routing=legacy_batch_routing)

@@ -8,8 +8,10 @@ import torch
 import torch.nn as nn
 
 import sde_lib
+from registry import Registry
 
-_MODELS: dict[str, type[nn.Module]] = {}
+_MODELS = Registry(
+    "model", "Unknown model name '{name}': config.model.name must be one of {known}.")
 
 # Modules whose import registers a network; imported on demand so `create_model` knows them all.
 _NETWORK_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2")
@@ -17,15 +19,7 @@ _NETWORK_MODULES = ("models.ncsnpp", "models.ddpm", "models.ncsnv2")
 
 def register_model(cls=None, *, name: str | None = None):
     """Class decorator registering a network under `name` (default: the class name)."""
-
-    def _register(cls):
-        local_name = cls.__name__ if name is None else name
-        if local_name in _MODELS and _MODELS[local_name] is not cls:
-            raise ValueError(f"A model named '{local_name}' is already registered.")
-        _MODELS[local_name] = cls
-        return cls
-
-    return _register if cls is None else _register(cls)
+    return _MODELS.register(cls, name=name)
 
 
 def _import_networks() -> None:
@@ -39,10 +33,7 @@ def get_model(name: str) -> type[nn.Module]:
     """The network class registered as `name` (the config's `model.name`)."""
     if name not in _MODELS:
         _import_networks()
-    if name not in _MODELS:
-        known = ", ".join(sorted(_MODELS))
-        raise ValueError(f"Unknown model name '{name}': config.model.name must be one of {known}.")
-    return _MODELS[name]
+    return _MODELS.get(name)
 
 
 def get_sigmas(config) -> torch.Tensor:
@@ -52,37 +43,23 @@ def get_sigmas(config) -> torch.Tensor:
     return torch.from_numpy(sigmas)
 
 
-def get_ddpm_params(config) -> dict:
-    """Discrete DDPM noise schedule of the original DDPM paper (beta from 1e-4 to 0.02 scaled)."""
-    num_diffusion_timesteps = 1000
-    beta_start = config.model.beta_min / config.model.num_scales
-    beta_end = config.model.beta_max / config.model.num_scales
-    betas = torch.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=torch.float64)
-    alphas = 1.0 - betas
-    alphas_cumprod = torch.cumprod(alphas, dim=0)
-    return {
-        "betas": betas,
-        "alphas": alphas,
-        "alphas_cumprod": alphas_cumprod,
-        "sqrt_alphas_cumprod": torch.sqrt(alphas_cumprod),
-        "sqrt_1m_alphas_cumprod": torch.sqrt(1.0 - alphas_cumprod),
-        "beta_min": beta_start * (num_diffusion_timesteps - 1),
-        "beta_max": beta_end * (num_diffusion_timesteps - 1),
-        "num_diffusion_timesteps": num_diffusion_timesteps,
-    }
-
-
 def default_device() -> torch.device:
     """CUDA when a GPU is present, else CPU (chosen at run time, never at import)."""
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+def config_device(config) -> torch.device:
+    """The device a config asks for: `config.device` when set (a torch.device or a name such as
+    "cpu"), else `default_device()`. Configs leave it unset, so it is chosen where they are used."""
+    device = getattr(config, "device", None)
+    return torch.device(device) if device is not None else default_device()
+
+
 def create_model(config) -> nn.Module:
-    """Build the network `config.model.name` on `config.device` (no DataParallel wrapper)."""
+    """Build the network `config.model.name` on `config_device(config)` (no DataParallel)."""
     model_cls = get_model(config.model.name)
     model = model_cls(config)
-    device = getattr(config, "device", None) or default_device()
-    return model.to(device)
+    return model.to(config_device(config))
 
 
 def get_model_fn(model: nn.Module, train: bool = False) -> Callable:
@@ -131,12 +108,3 @@ def get_score_fn(sde: sde_lib.SDE, model: nn.Module, train: bool = False,
 
     return score_fn
 
-
-def to_flattened_numpy(x: torch.Tensor):
-    """Flatten a tensor into a float64-compatible NumPy vector (for SciPy solvers)."""
-    return x.detach().cpu().numpy().reshape((-1,))
-
-
-def from_flattened_numpy(x, shape) -> torch.Tensor:
-    """Inverse of `to_flattened_numpy`."""
-    return torch.from_numpy(x.reshape(shape))

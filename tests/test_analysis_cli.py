@@ -120,7 +120,8 @@ def test_divergence_cli_matches_library(subvp_checkpoint, tmp_path):
     train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
     rmsd = {16: 0.05, 8: subspace_lib.dataset_rmsd("builtin", 32, 8)}
     direct = fisher_divergence(score_fn, sde, train_ds, rmsd, [0.0, 0.5, 1.0], centered=True,
-                               num_images=6, seed=config.seed, device=config.device)
+                               num_images=6, seed=config.seed,
+                               device=mutils.config_device(config))
     for size in ("16", "8"):
         for column in ("t", "err_norm", "gauss_norm", "score_norm"):
             np.testing.assert_array_equal(data[size][column], direct[size][column])

@@ -3,11 +3,10 @@ import json
 import math
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
 import torch
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 

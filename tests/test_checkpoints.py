@@ -87,6 +87,26 @@ def test_ema_copy_to_store_and_restore():
     assert torch.equal(module.linear.bias, torch.full((2,), 7.0))
 
 
+def test_ema_average_parameters_swaps_in_and_back_even_on_error():
+    module = Tiny()
+    _fill(module, 1.0, 1.0)
+    ema = ExponentialMovingAverage(module.parameters(), decay=0.5, use_num_updates=False)
+    _fill(module, 5.0, 7.0)
+    ema.update(module.parameters())  # averages 3 and 4
+    with ema.average_parameters(module.parameters()):  # a generator, as model.parameters() is
+        assert torch.equal(module.linear.weight, torch.full((2, 2), 3.0))
+        assert torch.equal(module.linear.bias, torch.full((2,), 4.0))
+        assert torch.equal(module.fixed, torch.ones(3))
+    assert torch.equal(module.linear.weight, torch.full((2, 2), 5.0))
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.average_parameters(module.parameters()):
+            module.linear.bias.data.fill_(-1.0)
+            raise RuntimeError("inside")
+    assert torch.equal(module.linear.weight, torch.full((2, 2), 5.0))
+    assert torch.equal(module.linear.bias, torch.full((2,), 7.0))
+    assert torch.equal(ema.shadow_params[1], torch.full((2,), 4.0))
+
+
 def test_ema_state_dict_format_and_round_trip():
     module = Tiny()
     ema = ExponentialMovingAverage(module.parameters(), decay=0.99)
@@ -125,11 +145,6 @@ def test_ema_bad_input_errors():
 # Checkpoints of a tiny NCSN++
 # ---------------------------------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def ncsnpp():
-    """Skip until models/ncsnpp.py is in the tree."""
-    pytest.importorskip("models.ncsnpp", reason="models/ncsnpp.py is not written yet")
 
 
 def tiny_config(nf: int = 8, image_size: int = 8):
@@ -178,7 +193,7 @@ def _output(model, config) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def saved(ncsnpp, tmp_path_factory):
+def saved(tmp_path_factory):
     """A tiny NCSN++ trained for one step and saved, shared by the tests: (state, path)."""
     state = tiny_state(tiny_config(), seed=0)
     train(state, 1)
@@ -277,12 +292,12 @@ def test_bare_and_unprefixed_state_dicts_load(saved, tmp_path):
         utils.load_model_weights(mutils.create_model(config), extra)
 
 
-def test_unknown_model_name(ncsnpp):
+def test_unknown_model_name():
     with pytest.raises(ValueError, match="Unknown model name 'ncsn_pp'.*must be one of"):
         mutils.get_model("ncsn_pp")
 
 
-def test_missing_checkpoint_file(ncsnpp, tmp_path, caplog):
+def test_missing_checkpoint_file(tmp_path, caplog):
     state = tiny_state(tiny_config(), seed=0)
     path = tmp_path / "nowhere" / "checkpoint.pth"
     with pytest.raises(FileNotFoundError, match=f"No checkpoint file at {path}"):
@@ -309,7 +324,7 @@ def test_truncated_checkpoint(saved, tmp_path):
         utils.load_model_weights(state["model"], broken)
 
 
-def test_files_that_are_not_checkpoints(ncsnpp, tmp_path):
+def test_files_that_are_not_checkpoints(tmp_path):
     state = tiny_state(tiny_config(), seed=0)
     listing = tmp_path / "list.pth"
     torch.save([1, 2], listing)

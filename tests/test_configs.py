@@ -3,6 +3,8 @@ configs agree with the parameter manifests of the original networks, and the bui
 the documented values."""
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -11,7 +13,7 @@ import torch
 from absl import flags
 from ml_collections import config_flags
 
-from models.utils import default_device
+from models.utils import config_device, default_device
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -79,7 +81,7 @@ def test_config_loads_with_sections_device_and_root(name):
     assert isinstance(config, ml_collections.ConfigDict)
     for section in SECTIONS:
         assert isinstance(config.get(section), ml_collections.ConfigDict), section
-    assert config.device == default_device()
+    assert config.device is None and config_device(config) == default_device()
     assert "root" in config.data and config.data.root is None
     for field in ("dataset", "image_size", "num_channels", "centered"):
         assert field in config.data, field
@@ -92,11 +94,27 @@ def test_config_loads_with_sections_device_and_root(name):
     assert config.data.image_size != 7
 
 
-def test_device_is_chosen_when_get_config_runs(monkeypatch):
+def test_device_is_chosen_where_the_config_is_used(monkeypatch):
     module = importlib.import_module("configs.ve.cifar10_ncsnpp_continuous")
-    assert module.get_config().device == default_device()
+    config = module.get_config()
+    assert config.device is None
+    assert config_device(config) == default_device()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert module.get_config().device == torch.device("cuda:0")
+    assert config_device(config) == torch.device("cuda:0")
+    config.device = "cpu"  # an explicit choice wins, as a name or a torch.device
+    assert config_device(config) == torch.device("cpu")
+
+
+def test_configs_import_nothing_heavier_than_ml_collections():
+    # Reading a config must not load torch, the networks or the SDEs.
+    code = ("import sys, importlib\n"
+            f"for name in {MODULES!r}:\n"
+            "    importlib.import_module(name)\n"
+            "heavy = [m for m in ('torch', 'numpy', 'models', 'sde_lib') if m in sys.modules]\n"
+            "print(','.join(heavy))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == ""
 
 
 def test_fields_that_only_some_originals_have():
@@ -226,7 +244,6 @@ def test_builtin_family_values():
 
 @pytest.mark.parametrize("name", ["builtin/ve_ncsnpp_small", "builtin/subvp_ddpmpp_small"])
 def test_builtin_networks_build_at_every_subspace_size(name):
-    pytest.importorskip("models.ncsnpp", reason="models/ncsnpp.py is not in the tree yet")
     from models.utils import create_model
 
     for size in (32, 16, 8):

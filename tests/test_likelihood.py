@@ -109,16 +109,6 @@ def test_gaussian_hutchinson_is_unbiased():
         likelihood.get_likelihood_fn(sde, _identity, hutchinson_type="Laplace")
 
 
-def test_div_fn_is_hutchinson_estimate_of_a_linear_map():
-    weight = torch.randn(6, 6)
-    fn = lambda x, t: x @ weight.T  # noqa: E731  (Jacobian = weight)
-    noise = torch.randn(3, 6)
-    div = likelihood.get_div_fn(fn)(torch.randn(3, 6), torch.zeros(3), noise)
-    expected = torch.einsum("bi,ij,bj->b", noise, weight, noise)
-    assert torch.allclose(div, expected, atol=1e-5)
-
-
-
 class _NonlinearNet(torch.nn.Module):
     """A small nonlinear network with a dense Jacobian (conv + tanh), conditioned on its label."""
 

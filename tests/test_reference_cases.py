@@ -56,11 +56,6 @@ def case_dir(request, reference_dir) -> Path:
     return reference_dir / request.param
 
 
-@pytest.fixture
-def networks():
-    """Skip until the NCSN++/DDPM++ network (models/ncsnpp.py) is in the tree."""
-    pytest.importorskip("models.ncsnpp", reason="models/ncsnpp.py is not written yet")
-
 
 def test_sde_functions_match_reference(case_dir):
     e = expected(case_dir)
@@ -83,8 +78,7 @@ def test_sde_functions_match_reference(case_dir):
 
 
 @pytest.mark.parametrize("which", [FULL, SUB])
-def test_loader_takes_ema_for_trainable_and_checkpoint_for_fixed_entries(case_dir, which,
-                                                                         networks):
+def test_loader_takes_ema_for_trainable_and_checkpoint_for_fixed_entries(case_dir, which):
     ck = raw_checkpoint(case_dir, which)
     model = ema_model(case_dir, which)
     assert not model.training
@@ -100,7 +94,7 @@ def test_loader_takes_ema_for_trainable_and_checkpoint_for_fixed_entries(case_di
         assert "all_modules.0.W" not in trainable
 
 
-def test_raw_network_outputs_match_reference(case_dir, networks):
+def test_raw_network_outputs_match_reference(case_dir):
     e = expected(case_dir)
     with torch.no_grad():
         for which, x, key in ((FULL, e["x"], "raw_full"), (SUB, e["x_sub"], "raw_sub")):
@@ -109,7 +103,7 @@ def test_raw_network_outputs_match_reference(case_dir, networks):
             assert_close_per_t(ours, e[key], key)
 
 
-def test_score_functions_match_reference(case_dir, networks):
+def test_score_functions_match_reference(case_dir):
     e = expected(case_dir)
     sde, _ = sde_lib.get_sde(case_config(case_dir, 32))
     with torch.no_grad():
@@ -120,7 +114,7 @@ def test_score_functions_match_reference(case_dir, networks):
             assert_close_per_t(ours, e[key], key)
 
 
-def test_probability_flow_drift_matches_reference(case_dir, networks):
+def test_probability_flow_drift_matches_reference(case_dir):
     e = expected(case_dir)
     sde, _ = sde_lib.get_sde(case_config(case_dir, 32))
     score_fn = mutils.get_score_fn(sde, ema_model(case_dir, FULL), train=False, continuous=True)
@@ -134,7 +128,7 @@ def _index_of(e: dict, t: float) -> int:
     return [round(v, 6) for v in e["t_values"].tolist()].index(t)
 
 
-def test_raw_weights_give_the_debugging_output_not_the_ema_one(case_dir, networks):
+def test_raw_weights_give_the_debugging_output_not_the_ema_one(case_dir):
     e = expected(case_dir)
     model = utils.load_model_weights(build(case_dir, FULL), case_dir / "checkpoint_full.pth",
                                      use_ema=False)
@@ -158,7 +152,7 @@ def _training_state(case_dir: Path, which: str, seed: int) -> dict:
     return {"optimizer": optimizer, "model": model, "ema": ema, "step": 0}
 
 
-def test_restore_checkpoint_fills_a_training_state(case_dir, networks):
+def test_restore_checkpoint_fills_a_training_state(case_dir):
     ck = raw_checkpoint(case_dir, FULL)
     state = _training_state(case_dir, FULL, seed=0)
     utils.restore_checkpoint(case_dir / "checkpoint_full.pth", state, device="cpu")
@@ -199,7 +193,7 @@ def _assert_same_format(ours: dict, ref: dict) -> None:
 
 
 @pytest.mark.parametrize("which", [FULL, SUB])
-def test_resaved_checkpoint_has_the_reference_format_and_outputs(case_dir, which, networks,
+def test_resaved_checkpoint_has_the_reference_format_and_outputs(case_dir, which,
                                                                   tmp_path):
     source = case_dir / f"checkpoint_{which}.pth"
     state = utils.restore_checkpoint(source, _training_state(case_dir, which, seed=1), "cpu")

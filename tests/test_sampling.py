@@ -6,6 +6,7 @@ the probability-flow ODE is the affine map between the marginals.
 """
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -266,6 +267,39 @@ def test_windowed_pc_equals_full_run(name):
     assert nfe_1 + nfe_2 == full_nfe == 2 * sde.N
 
 
+def test_pc_window_callback_sees_every_update_and_can_replace_the_state():
+    sde = sde_lib.VESDE(sigma_min=0.01, sigma_max=50, N=10)
+    net = GaussianScoreNet(sde, MU, STD)
+    score_fn = get_score_fn(sde, net, continuous=True)
+    args = ("reverse_diffusion", "langevin", 0.16)
+    x_T = sde.prior_sampling((4, 1, 4, 4))
+    seen = []
+
+    def observe(x, x_mean, t):  # returns None: the state goes on unchanged
+        seen.append(float(t[0]))
+
+    torch.manual_seed(2)
+    plain = sampling.pc_sample_window(score_fn, sde, x_T, 1.0, 1e-5, 10, *args, progress=False)
+    torch.manual_seed(2)
+    observed = sampling.pc_sample_window(score_fn, sde, x_T, 1.0, 1e-5, 10, *args,
+                                         progress=False, callback=observe)
+    assert torch.equal(plain[0], observed[0]) and plain[2] == observed[2] == 20
+    grid = torch.linspace(1.0, 1e-5, 10).tolist()
+    assert seen == [t for t in grid for _ in range(2)]  # after the corrector, after the predictor
+
+    # A replacing callback: the known half of the state is pinned to zero after every update.
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 2:] = 1
+
+    def pin(x, x_mean, t):
+        return x * (1 - mask), x_mean * (1 - mask)
+
+    x, x_mean, _ = sampling.pc_sample_window(score_fn, sde, x_T, 1.0, 1e-5, 10, *args,
+                                             progress=False, callback=pin)
+    assert torch.all(x[..., 2:] == 0) and torch.all(x_mean[..., 2:] == 0)
+    assert torch.all(x[..., :2] != 0)
+
+
 def test_pc_sampler_denoise_and_start_state():
     sde = sde_lib.VPSDE(N=20)
     net = GaussianScoreNet(sde, MU, STD)
@@ -367,7 +401,6 @@ def test_solve_ode_rejects_unknown_solver_and_method():
 
 
 def test_get_sampling_fn_builds_from_config():
-    ml_collections = pytest.importorskip("ml_collections")
     config = ml_collections.ConfigDict({
         "device": "cpu",
         "training": {"continuous": True},
@@ -375,13 +408,22 @@ def test_get_sampling_fn_builds_from_config():
                      "snr": 0.16, "n_steps_each": 1, "probability_flow": False,
                      "noise_removal": True},
     })
-    sde = sde_lib.VPSDE(N=10)
+    sde = sde_lib.VPSDE(N=50)  # the discrete betas beta_max / N must stay below 1
     net = GaussianScoreNet(sde, MU, STD)
+    torch.manual_seed(0)
     samples, nfe = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)(net)
-    assert samples.shape == (2, 1, 4, 4) and nfe == 20
+    torch.manual_seed(0)
+    expected, _ = sampling.get_pc_sampler(sde, (2, 1, 4, 4), "reverse_diffusion", "langevin",
+                                          _identity, 0.16, n_steps=1, continuous=True,
+                                          denoise=True, eps=1e-3, device="cpu")(net)
+    assert torch.isfinite(samples).all() and torch.equal(samples, expected) and nfe == 100
     config.sampling.method = "ode"
+    config.sampling.noise_removal = False
+    torch.manual_seed(1)
     samples, nfe = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)(net)
-    assert samples.shape == (2, 1, 4, 4) and nfe > 10
+    torch.manual_seed(1)
+    exact = _exact_flow(net, sde.prior_sampling((2, 1, 4, 4)), 1.0, 1e-3)
+    assert (samples - exact).abs().max() < 1e-3 and nfe > 10
     config.sampling.method = "ddim"
     with pytest.raises(ValueError, match="'pc' or 'ode'"):
         sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)

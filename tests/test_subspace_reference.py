@@ -51,7 +51,6 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
 
 @pytest.fixture(params=CASES)
 def case_dir(request, reference_dir) -> Path:
-    pytest.importorskip("models.ncsnpp", reason="the NCSN++ network is not in the tree yet")
     return reference_dir / request.param
 
 

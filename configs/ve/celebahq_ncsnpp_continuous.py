@@ -2,8 +2,6 @@
 import ml_collections
 from ml_collections import config_dict
 
-from models.utils import default_device
-
 
 def get_config() -> ml_collections.ConfigDict:
     """A self-contained CelebAHQ 1024x1024 config (no defaults module), VE SDE with 2000 scales."""
@@ -87,5 +85,6 @@ def get_config() -> ml_collections.ConfigDict:
         grad_clip=1.,
     ))
     config.seed = 42
-    config.device = default_device()
+    # None: the device is chosen where the config is used (models.utils.config_device).
+    config.device = None
     return config
