@@ -44,8 +44,6 @@ flags.DEFINE_integer("seed", None, "Random seed (round r uses seed + r); default
 flags.DEFINE_boolean("progress", True, "Show progress bars.")
 flags.mark_flags_as_required(["eval_folder", "save_name", "ckpt_subspace", "ckpt_full"])
 
-# Dataset names of the reference code's --dataset flag that differ from the statistics keys.
-_FLAG_DATASETS = {"celeba": "celebahq"}
 
 
 def _existing_samples(path: Path, batch: int, number: int, image_shape: tuple[int, int, int]):
@@ -84,8 +82,7 @@ def run(config) -> None:
         raise ValueError("--number_samples and --batch must be positive.")
     if FLAGS.langevin_steps < 0:
         raise ValueError(f"--langevin_steps must be >= 0; got {FLAGS.langevin_steps}.")
-    dataset = FLAGS.dataset or sl.dataset_stats_name(config)
-    dataset = _FLAG_DATASETS.get(dataset.lower(), dataset)
+    dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, FLAGS.subspace, FLAGS.time,
                                            dataset)
     ckpts = [p.strip() for p in FLAGS.ckpt_subspace.split(",") if p.strip()]
