@@ -10,6 +10,7 @@ grid of N steps.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,7 @@ import torch.nn as nn
 import sde_lib
 import subspace_lib as sl
 from models import utils as mutils
-from sampling import langevin_step_factor, pc_sample_window, window_step_counts, window_timesteps
-from sde_lib import batch_broadcast
+from sampling import langevin_steps, pc_sample_window, window_step_counts, window_timesteps
 from upsampling import upsample_level
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,25 +48,13 @@ def conditional_langevin(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t
     """Langevin steps at time t whose gradient and noise are projected onto the orthogonal
     complement of the `remove_halvings` subspace (unprojected when None or 0).
 
-    Step size eps = 2 alpha (snr ||z|| / ||g||)^2 with the projected gradient g and noise z (the
-    Langevin corrector of Song et al. 2021, Algorithm 4); `alpha` defaults to the corrector's.
-    Returns the state and its noise-free mean.
+    The Langevin corrector's steps (`sampling.langevin_steps`, Song et al. 2021, Algorithm 4)
+    with the projection; `alpha` defaults to the corrector's. Returns the state and its
+    noise-free mean.
     """
-    if alpha is None:
-        alpha = langevin_step_factor(sde, t)
-    x_mean = x
-    for _ in range(n_steps):
-        grad = score_fn(x, t)
-        noise = torch.randn_like(x)
-        if remove_halvings:
-            grad = sl.orthogonal_part(grad, remove_halvings)
-            noise = sl.orthogonal_part(noise, remove_halvings)
-        grad_norm = torch.linalg.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
-        noise_norm = torch.linalg.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
-        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-        x_mean = x + batch_broadcast(step_size, x) * grad
-        x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
-    return x, x_mean
+    project = (functools.partial(sl.orthogonal_part, k=remove_halvings) if remove_halvings
+               else None)
+    return langevin_steps(score_fn, sde, x, t, snr, n_steps, alpha=alpha, project=project)
 
 
 def _legacy_langevin_score(model: nn.Module) -> ScoreFn:
