@@ -20,11 +20,13 @@ def _as_batch_time(t, x: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_level(y: torch.Tensor, sde: sde_lib.SDE, t, plan: sl.SubspacePlan, level: int,
-                   centered: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+                   centered: bool, generator: torch.Generator | None = None,
+                   offset: float | None = None) -> torch.Tensor:
     """Lift a state of plan level `level` (>= 1) at time t to level `level - 1` (DESIGN.md 3).
 
     Returns x = U^Delta (y - c_Delta alpha) + sqrt(v) (z - P_Delta z), z ~ N(0, I), where v is
     the band variance of `SubspacePlan.band_variance`; t is a float or a per-example tensor.
+    `offset` replaces the data-scaler offset factor c_Delta (`SubspacePlan.relative_offset`).
     """
     if level < 1 or level > plan.num_levels:
         raise ValueError(f"Upsampling needs a subspace level in 1..{plan.num_levels}; got {level}.")
@@ -37,6 +39,8 @@ def upsample_level(y: torch.Tensor, sde: sde_lib.SDE, t, plan: sl.SubspacePlan, 
     shape = (-1,) + (1,) * (y.dim() - 1)
     alpha = sde.alpha(t).to(y.dtype).reshape(shape)
     std = plan.band_variance(sde, t, level, centered).sqrt().to(y.dtype).reshape(shape)
-    x = sl.upsample(y - plan.relative_offset(level, centered) * alpha, delta)
+    if offset is None:
+        offset = plan.relative_offset(level, centered)
+    x = sl.upsample(y - offset * alpha, delta)
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return x + std * sl.orthogonal_part(z, delta)
