@@ -130,10 +130,10 @@ def test_legacy_flag_of_the_sampling_script(checkpoints, tmp_path):  # noqa: F81
     # N = 6: int(6 * 0.45) = 2 subspace steps and int(6 * 0.55) = 3 full steps.
     assert int(rows[16][-4]) == 2 and int(rows[32][-4]) == 3
     assert int(rows[32][-3]) == 2 * 3 + 2  # predictor + corrector per step, 2 Langevin steps
-    two_levels = run_cli("--subspace", "16,8", "--time", "0.5,0.6", "--ckpt_subspace",
-                         f"{checkpoints[16]},{checkpoints[8]}", "--ckpt_full",
-                         str(checkpoints[32]), "--eval_folder", str(tmp_path), "--save_name", "x",
-                         "--legacy", "--number_samples", "1", "--batch", "1")
-    assert two_levels.returncode == 1 and "Traceback" not in two_levels.stderr
-    assert two_levels.stderr.strip().splitlines()[-1].endswith(
-        "give one --subspace size with --legacy.")
+    # The reference had one subspace level; --legacy says so for a plan with two.
+    sde = sde_lib.VESDE(N=6)
+    plan = sl.SubspacePlan.from_statistics(32, "16,8", "0.5,0.6", "cifar10")
+    with pytest.raises(ValueError, match="give one --subspace size with --legacy."):
+        subspace_pc_sample([nn.Identity()] * 3, sde, plan, False, (1, 3, 32, 32), eps=1e-5,
+                           predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+                           legacy=True)
