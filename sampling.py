@@ -435,7 +435,8 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
 def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector, inverse_scaler,
                    snr: float, n_steps: int = 1, probability_flow: bool = False,
                    continuous: bool = False, denoise: bool = True, eps: float = 1e-3,
-                   device=None, progress: bool = True) -> Callable:
+                   device=None, progress: bool = True, score_fn: ScoreFn | None = None
+                   ) -> Callable:
     """A predictor-corrector sampler `pc_sampler(model, x=None) -> (samples, nfe)`.
 
     Starts from a prior sample (or `x`), runs `pc_sample_window` over [T, eps] with sde.N steps on
@@ -445,13 +446,16 @@ def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector,
     The windowed form of the subspace-diffusion code, `pc_sampler(model, x=None, start=1,
     end=0)` (start, end as fractions of [eps, T]), runs that code's window
     (`legacy_window_grid`) and returns `(samples, vec_t)` as it did, vec_t being the batch of
-    the window's last time.
+    the window's last time. With `score_fn` (the fork's keyword) the sampler uses that score
+    function and ignores `model`.
     """
+    given_score_fn = score_fn
 
     def pc_sampler(model, x: torch.Tensor | None = None, start: float | None = None,
                    end: float | None = None):
         target = device if device is not None else mutils.default_device()
-        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+        score_fn = given_score_fn if given_score_fn is not None else \
+            mutils.get_score_fn(sde, model, train=False, continuous=continuous)
         windowed = start is not None or end is not None
         with torch.no_grad():
             if x is None:
@@ -673,18 +677,23 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, deno
 
 
 def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
-                    eps: float, progress: bool = True, denoise: bool | None = None) -> Callable:
+                    eps: float, progress: bool = True, denoise: bool | None = None,
+                    score_fn: ScoreFn | None = None) -> Callable:
     """The sampler named by `config.sampling.method` ('pc' or 'ode'), as `fn(model)`.
 
     The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5) and
-    `sampling.ode_method` (default RK45). `denoise` (default `sampling.noise_removal`) is the
-    subspace-diffusion code's keyword.
+    `sampling.ode_method` (default RK45). `denoise` (default `sampling.noise_removal`) and
+    `score_fn` (PC only: a score function replacing the model's) are the subspace-diffusion
+    code's keywords.
     """
     name = config.sampling.method.lower()
     device = getattr(config, "device", None)
     if denoise is None:
         denoise = config.sampling.noise_removal
     if name == "ode":
+        if score_fn is not None:
+            raise ValueError("get_sampling_fn(score_fn=...) applies to the PC sampler only: give "
+                             "the ODE sampler a model, e.g. a models.subspace_model.SubspaceScore.")
         return get_ode_sampler(sde=sde, shape=shape, inverse_scaler=inverse_scaler,
                                denoise=denoise,
                                rtol=config.sampling.get("rtol", 1e-5),
@@ -700,6 +709,6 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                               probability_flow=config.sampling.probability_flow,
                               continuous=config.training.continuous,
                               denoise=denoise, eps=eps, device=device,
-                              progress=progress)
+                              progress=progress, score_fn=score_fn)
     raise ValueError(f"Unknown sampling method '{config.sampling.method}': set "
                      "config.sampling.method to 'pc' or 'ode'.")

@@ -179,3 +179,32 @@ def test_t_boundary_of_a_multi_level_plan_raises():
     assert model.plan.cutoffs == (0.3, 0.7)
     with pytest.raises(ValueError, match="can only be set to 0"):
         model.num_subspace = 3
+
+
+def test_get_sampling_fn_keywords_of_the_fork():
+    import ml_collections
+
+    config = ml_collections.ConfigDict({
+        "device": "cpu", "training": {"continuous": True},
+        "sampling": {"method": "pc", "predictor": "reverse_diffusion", "corrector": "none",
+                     "snr": 0.16, "n_steps_each": 1, "probability_flow": False,
+                     "noise_removal": True}})
+    sde = sde_lib.VESDE(N=6)
+    net = GaussianScoreNet(sde, torch.full((1, 4, 4), 0.4), torch.full((1, 4, 4), 0.2))
+    score_fn = mutils.get_score_fn(sde, net, train=False, continuous=True)
+    # The fork's subspace_sample.py: get_sampling_fn(config, sde, shape, inverse_scaler, eps,
+    # denoise=...) and, in its run_lib, score_fn=... with the model argument unused.
+    torch.manual_seed(0)
+    noisy, _ = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), lambda v: v, 1e-5,
+                                        denoise=False, progress=False)(net)
+    torch.manual_seed(0)
+    same, nfe = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), lambda v: v, 1e-5,
+                                         denoise=False, score_fn=score_fn, progress=False)(None)
+    assert torch.equal(noisy, same) and nfe == 6
+    torch.manual_seed(0)
+    mean, _ = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), lambda v: v, 1e-5,
+                                       progress=False)(net)
+    assert not torch.equal(mean, noisy)  # the config's noise_removal=True: the noise-free mean
+    config.sampling.method = "ode"
+    with pytest.raises(ValueError, match="applies to the PC sampler only"):
+        sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), lambda v: v, 1e-5, score_fn=score_fn)
