@@ -77,8 +77,17 @@ def default_device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
-def create_model(config) -> nn.Module:
-    """Build the network `config.model.name` on `config.device` (no DataParallel wrapper)."""
+def create_model(config, subspace: bool = False) -> nn.Module:
+    """Build the network `config.model.name` on `config.device` (no DataParallel wrapper).
+
+    `subspace=True` (the subspace-diffusion code's wrapper, configured by absl flags there) is
+    refused with the name of its replacement.
+    """
+    if subspace:
+        raise ValueError(
+            "create_model(config, subspace=True) built the reference's flag-configured wrapper: "
+            "use models.subspace_model.load_subspace_model(config, ckpt_full, ckpt_subspace, "
+            "sizes, cutoffs, dataset) or build_subspace_model(...) instead.")
     model_cls = get_model(config.model.name)
     model = model_cls(config)
     device = getattr(config, "device", None) or default_device()

@@ -208,3 +208,10 @@ def test_get_sampling_fn_keywords_of_the_fork():
     config.sampling.method = "ode"
     with pytest.raises(ValueError, match="applies to the PC sampler only"):
         sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), lambda v: v, 1e-5, score_fn=score_fn)
+
+
+def test_create_model_subspace_names_its_replacement():
+    from configs.builtin import ve_ncsnpp_small
+
+    with pytest.raises(ValueError, match="use models.subspace_model.load_subspace_model"):
+        mutils.create_model(ve_ncsnpp_small.get_config(), subspace=True)
