@@ -32,7 +32,8 @@ $(STAMP_TF): requirements.txt requirements-dev.txt requirements-tf.txt
 	touch $(STAMP_TF)
 
 test-tf: $(STAMP_TF)
-	$(VENV_TF)/bin/python -m pytest -q -rs tests/test_datasets.py tests/test_evaluation.py
+	$(VENV_TF)/bin/python -m pytest -q -rs tests/test_datasets.py tests/test_evaluation.py \
+		tests/test_lsun_preprocessing.py
 
 # The main job on the built-in data: train 3 small models, cutoffs, samplers, table (runs/demo).
 demo: $(STAMP)

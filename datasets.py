@@ -54,6 +54,8 @@ LOCAL_DATASETS = ("NUMPY", "FOLDER", "BUILTIN")
 KNOWN_DATASETS = tuple(TFDS_DATASETS) + TFRECORD_DATASETS + LOCAL_DATASETS
 SHUFFLE_BUFFER_SIZE = 10000
 CELEBA_CROP = 140
+# LSUN at this size is resized from the photograph, as in the original (not D of 256 px images).
+LSUN_RESIZE_SIZE = 128
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 TF_INSTALL_HINT = "install the optional stack with `pip install -r requirements-tf.txt`"
 
@@ -488,11 +490,25 @@ def _import_tfds(dataset: str):
 
 
 def _resize_small(tf, image, size: int):
-    """Resize (antialiased) so that the shorter side is `size`."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    """Resize (antialiased bilinear) so that the shorter side is `size` (sides rounded in
+    double precision, as the original's Python arithmetic)."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float64)
     ratio = size / tf.reduce_min(shape)
     new = tf.cast(tf.round(shape * ratio), tf.int32)
     return tf.image.resize(image, new, antialias=True)
+
+
+def _crop_resize(tf, image, size: int):
+    """The original LSUN preprocessing (score_sde `datasets.crop_resize`): the central square of
+    the uint8 image, resized to size x size with antialiased bicubic interpolation, cast back to
+    uint8 (truncating, and wrapping the values the bicubic kernel's overshoot puts outside
+    0..255, as TensorFlow's cast does on the CPU)."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    crop = tf.minimum(h, w)
+    image = image[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+    image = tf.image.resize(image, size=(size, size), antialias=True,
+                            method=tf.image.ResizeMethod.BICUBIC)
+    return tf.cast(image, tf.uint8)
 
 
 def _central_crop(tf, image, size: int):
@@ -501,8 +517,22 @@ def _central_crop(tf, image, size: int):
     return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
-def _tfds_native_op(tf, name: str):
-    """Map a TFDS image (HWC uint8) to the dataset's native square size."""
+def lsun_resizes_short_side(config) -> bool:
+    """Whether LSUN images are resized to 128 from the photograph (the original's 128 px path,
+    short side antialiased bilinear then the central crop, pixels in [0, 1]) rather than taken as
+    subspace coordinates D of the 256 px image (`data.lsun_128_subspace`)."""
+    return int(config.data.image_size) == LSUN_RESIZE_SIZE and \
+        not bool(config.data.get("lsun_128_subspace", False))
+
+
+def _tfds_native_op(tf, name: str, resize_small_size: int | None = None):
+    """Map a TFDS image (HWC uint8) to the dataset's native square size, with the original's
+    operations in the original's order (score_sde / subspace-diffusion `datasets.py`).
+
+    LSUN: `_crop_resize` to 256 (uint8); with `resize_small_size`, the short side resized to
+    that size in float (antialiased bilinear) and the central crop, as the original's 128 px
+    path.
+    """
     if name in ("CIFAR10", "SVHN"):
         return lambda image: image
     native = NATIVE_SIZES[name]
@@ -511,11 +541,59 @@ def _tfds_native_op(tf, name: str):
             image = _central_crop(tf, tf.image.convert_image_dtype(image, tf.float32), CELEBA_CROP)
             return _resize_small(tf, image, native)
         return op
+    if resize_small_size is not None:
+        def op(image):  # LSUN, the original's 128 px path
+            image = _resize_small(tf, tf.image.convert_image_dtype(image, tf.float32),
+                                  resize_small_size)
+            return _central_crop(tf, image, resize_small_size)
+        return op
+    return lambda image: _crop_resize(tf, image, native)  # LSUN
 
-    def op(image):  # LSUN
-        image = _resize_small(tf, tf.image.convert_image_dtype(image, tf.float32), native)
-        return _central_crop(tf, image, native)
-    return op
+
+# --------------------------------------------------------------------------------------------
+# NumPy/PIL versions of the original's TensorFlow preprocessing, for data prepared without
+# TensorFlow. They agree with the TF ops up to float rounding: a value that TF's float32 resize
+# puts within rounding of an integer may truncate to the neighbouring level.
+
+def tf_cast_to_uint8(values: np.ndarray) -> np.ndarray:
+    """TensorFlow's CPU cast of floats to uint8: truncation toward zero, then wrap-around
+    modulo 256 for values outside 0..255 (-22.5 -> 234, 276.3 -> 20)."""
+    return (np.trunc(np.asarray(values, dtype=np.float64)).astype(np.int64) % 256).astype(np.uint8)
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """Resize each channel of an HWC image in float32 ('F' mode: no clipping or rounding) with a
+    PIL filter; shrinking widens the kernel by the scale (antialiasing), as TF's antialias."""
+    from PIL import Image
+
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32))
+                           .resize((width, height), resample))
+                for c in range(image.shape[-1])]
+    return np.stack(channels, axis=-1)
+
+
+def lsun_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """NumPy/PIL form of `_crop_resize`: central square of an HWC uint8 image, antialiased
+    bicubic (Keys, a = -0.5) resize to size x size, TF's uint8 cast (`tf_cast_to_uint8`)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    crop = min(h, w)
+    square = image[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+    return tf_cast_to_uint8(_pil_resize(square, size, size, Image.BICUBIC))
+
+
+def lsun_resize_small_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """NumPy/PIL form of the original's 128 px LSUN path: pixels to [0, 1], the short side
+    resized to `size` (antialiased bilinear, sides rounded half to even), the central crop."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    ratio = size / min(h, w)
+    new_h, new_w = int(np.round(h * ratio)), int(np.round(w * ratio))
+    resized = _pil_resize(image.astype(np.float32) / 255.0, new_h, new_w, Image.BILINEAR)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top:top + size, left:left + size]
 
 
 def _tfds_builder(config, name: str):
@@ -594,7 +672,8 @@ def _tf_datasets(config, name: str, transform: BatchTransform, batch_size: int,
     else:
         _halvings(NATIVE_SIZES[name], config.data.image_size, name)
         tf, tfds, builder, train_split, eval_split = _tfds_builder(config, name)
-        native_op = _tfds_native_op(tf, name)
+        resize_small = name == "LSUN" and lsun_resizes_short_side(config)
+        native_op = _tfds_native_op(tf, name, LSUN_RESIZE_SIZE if resize_small else None)
 
         def preprocess(example):
             out = {"image": native_op(example["image"])}

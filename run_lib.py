@@ -235,9 +235,9 @@ def round_seed(seed: int, ckpt: int, round_index: int) -> int:
     return (int(seed) * 1_000_003 + int(ckpt) * 10_007 + int(round_index)) % 2**63
 
 
-def _bpd_dataset(config, shard: tuple[int, int] | None = None):
+def _bpd_dataset(config, shard: tuple[int, int] | None = None, seed: int | None = None):
     train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=True,
-                                                evaluation=True, shard=shard)
+                                                evaluation=True, seed=seed, shard=shard)
     if config.eval.bpd_dataset.lower() == "train":
         return train_ds
     if config.eval.bpd_dataset.lower() == "test":
@@ -245,30 +245,86 @@ def _bpd_dataset(config, shard: tuple[int, int] | None = None):
     raise ValueError(f"Unknown eval.bpd_dataset '{config.eval.bpd_dataset}': use train or test.")
 
 
+def bpd_num_repeats(config) -> int:
+    """Passes over the bits/dim split, as the original `run_lib.evaluate`: 5 over the test split
+    (each with fresh dequantization noise), 1 over the training split."""
+    split = config.eval.bpd_dataset.lower()
+    if split == "test":
+        return 5
+    if split == "train":
+        return 1
+    raise ValueError(f"Unknown eval.bpd_dataset '{config.eval.bpd_dataset}': use train or test.")
+
+
+def _rank_image_limit(num_images: int, shard: tuple[int, int] | None) -> int:
+    """This rank's share of a limit of `num_images` images over all ranks (the shares add up to
+    the limit: rank r takes the images r, r + W, ... of the first `num_images`)."""
+    rank, world = shard if shard is not None else (0, 1)
+    return len(range(rank, num_images, world))
+
+
+def _pass_size(dataset) -> int | None:
+    """Images one pass over an evaluation dataset yields on this rank (None when unknown)."""
+    source = getattr(dataset, "source", None)
+    if source is None:
+        return None
+    size, batch, world = len(source), dataset.batch_size, dataset.world_size
+    full, rest = divmod(size, batch)
+    return full * len(range(dataset.rank, batch, world)) + len(range(dataset.rank, rest, world))
+
+
 def compute_bpd(likelihood_fn, model, config, scaler, device, num_repeats: int,
                 progress: bool, max_batches: int | None = None,
-                shard: tuple[int, int] | None = None) -> tuple[np.ndarray, int]:
-    """Bits/dim of every image of the configured bpd dataset (`num_repeats` dequantisations),
-    and the total number of ODE function evaluations. With `shard=(rank, world_size)`, only
-    that rank's part of the images (`datasets.get_dataset`); `gather_bpd` combines the ranks."""
+                shard: tuple[int, int] | None = None,
+                max_images: int | None = None) -> tuple[np.ndarray, int]:
+    """Bits/dim of the images of the configured bpd dataset (`num_repeats` passes, each with its
+    own dequantization noise), and the total number of ODE function evaluations.
+
+    `max_images` (default `config.eval.bpd_num_images`; 0 or None = the whole split) limits each
+    pass to the first images of the split, over all ranks together. The progress bar shows the
+    running mean and its standard error. With `shard=(rank, world_size)`, only that rank's part
+    of the images (`datasets.get_dataset`); `gather_bpd` combines the ranks.
+    """
     from tqdm.auto import tqdm
 
-    dataset = _bpd_dataset(config, shard)
+    if max_images is None:
+        max_images = int(config.eval.get("bpd_num_images", 0) or 0)
+    if max_images < 0:
+        raise ValueError(f"eval.bpd_num_images must be >= 0 (0 = the whole split); got "
+                         f"{max_images}.")
+    limit = _rank_image_limit(max_images, shard) if max_images else None
+    per_pass = _pass_size(_bpd_dataset(config, shard))
+    if limit is not None:
+        per_pass = limit if per_pass is None else min(per_pass, limit)
+    bar = tqdm(total=None if per_pass is None else per_pass * num_repeats, unit="img",
+               desc="bits/dim", disable=not progress)
     bpds, nfe_total = [], 0
     for repeat in range(num_repeats):
-        total = len(dataset) if hasattr(dataset, "__len__") else None
-        if max_batches is not None and total is not None:
-            total = min(total, max_batches)
-        for index, batch in enumerate(tqdm(dataset, desc=f"bpd (repeat {repeat + 1})",
-                                           total=total, disable=not progress)):
+        # Every pass draws its own dequantization noise (and order), as the original's
+        # tf.data pipeline did when it was iterated again.
+        dataset = _bpd_dataset(config, shard, seed=int(config.seed) + repeat)
+        taken = 0
+        for index, batch in enumerate(dataset):
             if max_batches is not None and index >= max_batches:
                 break
-            data = scaler(batch["image"].to(device))
+            if limit is not None and taken >= limit:
+                break
+            images = batch["image"]
+            if limit is not None:
+                images = images[: limit - taken]
+            taken += len(images)
+            data = scaler(images.to(device))
             bpd, _, nfe = likelihood_fn(model, data)
             bpds.append(bpd.detach().cpu().numpy().reshape(-1))
             nfe_total += int(nfe)
-            logger.info("repeat %d batch %d: mean bpd %.5f", repeat, index,
-                        float(np.mean(np.concatenate(bpds))))
+            values = np.concatenate(bpds)
+            mean = float(np.mean(values))
+            stderr = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 \
+                else float("nan")
+            bar.update(len(images))
+            bar.set_postfix_str(f"pass {repeat + 1}/{num_repeats}, bpd {mean:.4f} +- {stderr:.4f}")
+            logger.info("repeat %d batch %d: mean bpd %.5f", repeat, index, mean)
+    bar.close()
     return np.concatenate(bpds) if bpds else np.zeros(0), nfe_total
 
 
@@ -387,9 +443,9 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
             logger.info("checkpoint %d: eval loss %.5e", ckpt, report["eval_loss"])
         with state["ema"].average_parameters(model.parameters()):
             if config.eval.enable_bpd:
-                num_repeats = 5 if config.data.uniform_dequantization else 1
                 bpds, nfe = gather_bpd(*compute_bpd(likelihood_fn, model, config, scaler, device,
-                                                    num_repeats, progress, shard=(rank, world)))
+                                                    bpd_num_repeats(config), progress,
+                                                    shard=(rank, world)))
                 if main:
                     utils.atomic_numpy_save(eval_dir / f"ckpt_{ckpt}_bpd.npz", bpd=bpds)
                     report.update(bpd=float(bpds.mean()), bpd_nfe=nfe)
@@ -421,6 +477,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     the same report.
     """
     import likelihood
+    import subspace_lib as sl
     from models.subspace_model import load_subspace_model
 
     device = resolve_device(config)
@@ -434,7 +491,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     set_seed(config.seed)
     config.device = device
     model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
-                                dataset=dataset)
+                                dataset=sl.stats_name_from_flag(dataset, config))
     if rank > 0:
         set_seed(distributed.rank_seed(config.seed, rank))
     scaler = datasets.get_data_scaler(config)
@@ -469,9 +526,9 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     if config.eval.enable_bpd:
         likelihood_fn = likelihood.get_likelihood_fn(sde, inverse_scaler)
         model.reset_nfe()
-        num_repeats = 5 if config.data.uniform_dequantization else 1
-        bpds, nfe = gather_bpd(*compute_bpd(likelihood_fn, model, config, scaler, device,
-                                            num_repeats, progress, shard=(rank, world)))
+        # One pass, as the original evaluate_subspace (evaluate makes 5 over the test split).
+        bpds, nfe = gather_bpd(*compute_bpd(likelihood_fn, model, config, scaler, device, 1,
+                                            progress, shard=(rank, world)))
         num_full, num_subspace, _ = nfe_over_ranks()
         if main:
             utils.atomic_numpy_save(eval_dir / f"{save_name}_bpd.npz", bpd=bpds)

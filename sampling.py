@@ -14,6 +14,7 @@ that keeps the state on the data's device.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -192,10 +193,39 @@ def langevin_step_factor(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(t)
 
 
+def langevin_steps(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t: torch.Tensor,
+                   snr: float, n_steps: int, alpha: torch.Tensor | None = None,
+                   project: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n_steps` Langevin steps at times t with the step size set by a target signal-to-noise
+    ratio (Song et al. 2021, Algorithms 4 and 5): eps = 2 alpha (snr ||z|| / ||g||)^2,
+    x <- x + eps g + sqrt(2 eps) z, norms averaged over the batch.
+
+    `project` (e.g. the orthogonal part of a subspace) is applied to both the gradient g and the
+    noise z, so the projected-out component of x stays fixed (the conditional Langevin of
+    subspace diffusion). `alpha` defaults to `langevin_step_factor`. Returns the state and its
+    noise-free mean.
+    """
+    if alpha is None:
+        alpha = langevin_step_factor(sde, t)
+    x_mean = x
+    for _ in range(n_steps):
+        grad = score_fn(x, t)
+        noise = torch.randn_like(x)
+        if project is not None:
+            grad, noise = project(grad), project(noise)
+        grad_norm = torch.linalg.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
+        noise_norm = torch.linalg.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
+        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
+        x_mean = x + batch_broadcast(step_size, x) * grad
+        x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
+    return x, x_mean
+
+
 @register_corrector(name="langevin")
 class LangevinCorrector(Corrector):
     """Langevin MCMC with the step size set by a target signal-to-noise ratio (Algorithms 4, 5):
-    eps = 2 alpha (snr ||z|| / ||s||)^2, x <- x + eps s + sqrt(2 eps) z."""
+    eps = 2 alpha (snr ||z|| / ||s||)^2, x <- x + eps s + sqrt(2 eps) z (`langevin_steps`)."""
 
     def __init__(self, sde, score_fn, snr, n_steps):
         super().__init__(sde, score_fn, snr, n_steps)
@@ -203,18 +233,16 @@ class LangevinCorrector(Corrector):
             raise NotImplementedError(
                 f"The Langevin corrector does not support {sde.__class__.__name__}.")
 
-    def update_fn(self, x, t):
-        alpha = langevin_step_factor(self.sde, t)
-        x_mean = x
-        for _ in range(self.n_steps):
-            grad = self.score_fn(x, t)
-            noise = torch.randn_like(x)
-            grad_norm = torch.linalg.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
-            noise_norm = torch.linalg.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
-            step_size = (self.snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-            x_mean = x + batch_broadcast(step_size, x) * grad
-            x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
-        return x, x_mean
+    def update_fn(self, x, t, remove_subspace: int | None = None):
+        """Corrected state and its mean; `remove_subspace=k` (the subspace-diffusion code's
+        keyword) moves only the component orthogonal to the k-halvings subspace."""
+        project = None
+        if remove_subspace:
+            import subspace_lib
+
+            project = functools.partial(subspace_lib.orthogonal_part, k=int(remove_subspace))
+        return langevin_steps(self.score_fn, self.sde, x, t, self.snr, self.n_steps,
+                              project=project)
 
 
 @register_corrector(name="ald")
@@ -340,6 +368,18 @@ def window_timesteps(N: int, t_start: float, t_end: float, num_steps: int, T: fl
     return torch.linspace(T, eps, N, device=device)[first:last]
 
 
+def legacy_window_grid(N: int, start: float, end: float, T: float = 1.0, eps: float = 1e-5
+                       ) -> tuple[float, float, int]:
+    """The subspace-diffusion code's grid for a window from fraction `start` to `end` of the time
+    axis: times linspace(start T + (1 - start) eps, end T + (1 - end) eps, int(N (start - end))),
+    both ends included, so a time shared by two windows is evaluated twice and truncation can
+    lose a step. Returns (first time, last time, number of steps) for `pc_sample_window`
+    without `eps`."""
+    if not 0.0 <= end <= start <= 1.0:
+        raise ValueError(f"A window needs 0 <= end <= start <= 1; got start={start}, end={end}.")
+    return start * T + (1 - start) * eps, end * T + (1 - end) * eps, int(N * (start - end))
+
+
 class _CountingScore:
     """A score function that counts its evaluations (one per batch)."""
 
@@ -388,25 +428,45 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
 def get_pc_sampler(sde: sde_lib.SDE, shape: Sequence[int], predictor, corrector, inverse_scaler,
                    snr: float, n_steps: int = 1, probability_flow: bool = False,
                    continuous: bool = False, denoise: bool = True, eps: float = 1e-3,
-                   device=None, progress: bool = True) -> Callable:
+                   device=None, progress: bool = True, score_fn: ScoreFn | None = None
+                   ) -> Callable:
     """A predictor-corrector sampler `pc_sampler(model, x=None) -> (samples, nfe)`.
 
     Starts from a prior sample (or `x`), runs `pc_sample_window` over [T, eps] with sde.N steps on
     the grid linspace(T, eps, N), applies `inverse_scaler`, and reports the number of score
     evaluations actually made.
-    """
 
-    def pc_sampler(model, x: torch.Tensor | None = None):
+    The windowed form of the subspace-diffusion code, `pc_sampler(model, x=None, start=1,
+    end=0)` (start, end as fractions of [eps, T]), runs that code's window
+    (`legacy_window_grid`) and returns `(samples, vec_t)` as it did, vec_t being the batch of
+    the window's last time. With `score_fn` (the fork's keyword) the sampler uses that score
+    function and ignores `model`.
+    """
+    given_score_fn = score_fn
+
+    def pc_sampler(model, x: torch.Tensor | None = None, start: float | None = None,
+                   end: float | None = None):
         target = device if device is not None else mutils.default_device()
-        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+        score_fn = given_score_fn if given_score_fn is not None else \
+            mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+        windowed = start is not None or end is not None
         with torch.no_grad():
             if x is None:
                 x = sde.prior_sampling(shape).to(target)
-            x, _, nfe = pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N, predictor,
-                                         corrector, snr, n_steps_each=n_steps,
-                                         probability_flow=probability_flow, denoise=denoise,
-                                         progress=progress, desc="PC sampling", eps=eps)
-            return inverse_scaler(x), nfe
+            if not windowed:
+                x, _, nfe = pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N, predictor,
+                                             corrector, snr, n_steps_each=n_steps,
+                                             probability_flow=probability_flow, denoise=denoise,
+                                             progress=progress, desc="PC sampling", eps=eps)
+                return inverse_scaler(x), nfe
+            t_start, t_end, steps = legacy_window_grid(
+                sde.N, 1.0 if start is None else start, 0.0 if end is None else end, sde.T, eps)
+            x, _, _ = pc_sample_window(score_fn, sde, x, t_start, t_end, steps, predictor,
+                                       corrector, snr, n_steps_each=n_steps,
+                                       probability_flow=probability_flow, denoise=denoise,
+                                       progress=progress, desc="PC sampling")
+            last = window_timesteps(sde.N, t_start, t_end, steps, device=x.device)[-1:]
+            return inverse_scaler(x), torch.ones(x.shape[0], device=x.device) * last
 
     return pc_sampler
 
@@ -610,17 +670,25 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, deno
 
 
 def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
-                    eps: float, progress: bool = True) -> Callable:
+                    eps: float, progress: bool = True, denoise: bool | None = None,
+                    score_fn: ScoreFn | None = None) -> Callable:
     """The sampler named by `config.sampling.method` ('pc' or 'ode'), as `fn(model)`.
 
     The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5) and
-    `sampling.ode_method` (default RK45).
+    `sampling.ode_method` (default RK45). `denoise` (default `sampling.noise_removal`) and
+    `score_fn` (PC only: a score function replacing the model's) are the subspace-diffusion
+    code's keywords.
     """
     name = config.sampling.method.lower()
     device = getattr(config, "device", None)
+    if denoise is None:
+        denoise = config.sampling.noise_removal
     if name == "ode":
+        if score_fn is not None:
+            raise ValueError("get_sampling_fn(score_fn=...) applies to the PC sampler only: give "
+                             "the ODE sampler a model, e.g. a models.subspace_model.SubspaceScore.")
         return get_ode_sampler(sde=sde, shape=shape, inverse_scaler=inverse_scaler,
-                               denoise=config.sampling.noise_removal,
+                               denoise=denoise,
                                rtol=config.sampling.get("rtol", 1e-5),
                                atol=config.sampling.get("atol", 1e-5),
                                method=config.sampling.get("ode_method", "RK45"),
@@ -633,7 +701,7 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                               n_steps=config.sampling.n_steps_each,
                               probability_flow=config.sampling.probability_flow,
                               continuous=config.training.continuous,
-                              denoise=config.sampling.noise_removal, eps=eps, device=device,
-                              progress=progress)
+                              denoise=denoise, eps=eps, device=device,
+                              progress=progress, score_fn=score_fn)
     raise ValueError(f"Unknown sampling method '{config.sampling.method}': set "
                      "config.sampling.method to 'pc' or 'ode'.")

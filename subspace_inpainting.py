@@ -38,8 +38,6 @@ flags.DEFINE_integer("seed", None, "Random seed; default: config.seed.")
 flags.DEFINE_boolean("progress", True, "Show progress bars.")
 
 DEFAULT_TIMES = "0,0.2,0.4,0.6,0.8,1"
-# Dataset names of the reference code's --dataset flag that differ from the statistics keys.
-_FLAG_DATASETS = {"celeba": "celebahq"}
 
 
 def run(config) -> None:
@@ -68,8 +66,7 @@ def run(config) -> None:
     if len(ckpts) != len(sizes):
         raise ValueError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
                          "--checkpoint_subspace files: give one per size, same order.")
-    dataset = FLAGS.dataset or sl.dataset_stats_name(config)
-    dataset = _FLAG_DATASETS.get(dataset.lower(), dataset)
+    dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
     plans = [sl.SubspacePlan.from_statistics(config.data.image_size, sizes, column, dataset)
              for column in columns]
 

@@ -108,6 +108,21 @@ def canonical_dataset_name(name: str) -> str:
     return _DATASET_ALIASES.get(name.lower(), name.lower())
 
 
+# The reference scripts' `--dataset` choices (cifar, celeba, church) name the statistics of
+# CIFAR-10, CelebA-HQ-256 and LSUN Church: there, `celeba` always meant CelebA-HQ.
+_FLAG_DATASETS = {"celeba": "celebahq"}
+
+
+def stats_name_from_flag(flag: str | None, config) -> str:
+    """Statistics key for an entry script's `--dataset` value, the same in every entry point:
+    the reference spellings `cifar`, `celeba` (CelebA-HQ-256) and `church`, any statistics key
+    or alias, or None for the config's own dataset (`dataset_stats_name`)."""
+    if flag is None or not str(flag).strip():
+        return dataset_stats_name(config)
+    name = str(flag).strip().lower()
+    return canonical_dataset_name(_FLAG_DATASETS.get(name, name))
+
+
 def dataset_stats_name(config) -> str:
     """Statistics key of the dataset a config trains on (LSUN uses its category)."""
     name = config.data.dataset.lower()

@@ -39,13 +39,19 @@ flags.DEFINE_string("dataset", None, "Name of the RMSD statistics (cifar, celeba
                     "builtin, ...); default: the config's dataset.")
 flags.DEFINE_boolean("legacy_langevin", False, "Reproduce the reference code: the Langevin steps "
                      "after upsampling get the raw network as their score.")
-flags.DEFINE_float("eps", None, "Final sampling time; default: 1e-5 (VE) or 1e-3 (VP, sub-VP).")
+flags.DEFINE_boolean("legacy", False, "Reproduce the reference script exactly: its per-window "
+                     "grids (int(N (start - end)) steps each, the cutoff time evaluated by both "
+                     "windows), eps 1e-5 for every SDE, upsampling noise at the cutoff, "
+                     "--legacy_langevin with alpha = 1, the sub-VP CIFAR-10 offsets.")
+flags.DEFINE_float("eps", None, "Final sampling time; default: 1e-5 (VE, and every SDE with "
+                   "--legacy) or 1e-3 (VP, sub-VP).")
 flags.DEFINE_integer("seed", None, "Random seed (round r uses seed + r); default: config.seed.")
 flags.DEFINE_boolean("progress", True, "Show progress bars.")
 flags.mark_flags_as_required(["eval_folder", "save_name", "ckpt_subspace", "ckpt_full"])
 
-# Dataset names of the reference code's --dataset flag that differ from the statistics keys.
-_FLAG_DATASETS = {"celeba": "celebahq"}
+# The reference script's final sampling time, for every SDE.
+LEGACY_EPS = 1e-5
+
 
 
 def _existing_samples(path: Path, batch: int, number: int, image_shape: tuple[int, int, int]):
@@ -84,8 +90,7 @@ def run(config) -> None:
         raise ValueError("--number_samples and --batch must be positive.")
     if FLAGS.langevin_steps < 0:
         raise ValueError(f"--langevin_steps must be >= 0; got {FLAGS.langevin_steps}.")
-    dataset = FLAGS.dataset or sl.dataset_stats_name(config)
-    dataset = _FLAG_DATASETS.get(dataset.lower(), dataset)
+    dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, FLAGS.subspace, FLAGS.time,
                                            dataset)
     ckpts = [p.strip() for p in FLAGS.ckpt_subspace.split(",") if p.strip()]
@@ -93,7 +98,10 @@ def run(config) -> None:
         raise ValueError(f"Got {plan.num_levels} subspace sizes {list(plan.sizes)} but "
                          f"{len(ckpts)} --ckpt_subspace files: give one per size, same order.")
     sde, default_eps = sde_lib.get_sde(config)
-    eps = default_eps if FLAGS.eps is None else FLAGS.eps
+    if FLAGS.eps is not None:
+        eps = FLAGS.eps
+    else:
+        eps = LEGACY_EPS if FLAGS.legacy else default_eps
     device = config.device
     networks = [load_model_weights(mutils.create_model(config), FLAGS.ckpt_full)]
     networks += [load_model_weights(mutils.create_model(cfg), path)
@@ -126,7 +134,7 @@ def run(config) -> None:
             langevin_snr=FLAGS.langevin_snr, langevin_steps=FLAGS.langevin_steps,
             conditional_langevin_steps=FLAGS.conditional_langevin,
             legacy_langevin=FLAGS.legacy_langevin, device=device,
-            progress=FLAGS.progress and main)
+            progress=FLAGS.progress and main, legacy=FLAGS.legacy)
         return evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), reports
 
     totals: list[StageReport] | None = None

@@ -10,6 +10,7 @@ grid of N steps.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,13 @@ import torch.nn as nn
 import sde_lib
 import subspace_lib as sl
 from models import utils as mutils
-from sampling import langevin_step_factor, pc_sample_window, window_step_counts, window_timesteps
-from sde_lib import batch_broadcast
+from sampling import (
+    langevin_steps,
+    legacy_window_grid,
+    pc_sample_window,
+    window_step_counts,
+    window_timesteps,
+)
 from upsampling import upsample_level
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,31 +54,27 @@ def conditional_langevin(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t
     """Langevin steps at time t whose gradient and noise are projected onto the orthogonal
     complement of the `remove_halvings` subspace (unprojected when None or 0).
 
-    Step size eps = 2 alpha (snr ||z|| / ||g||)^2 with the projected gradient g and noise z (the
-    Langevin corrector of Song et al. 2021, Algorithm 4); `alpha` defaults to the corrector's.
-    Returns the state and its noise-free mean.
+    The Langevin corrector's steps (`sampling.langevin_steps`, Song et al. 2021, Algorithm 4)
+    with the projection; `alpha` defaults to the corrector's. Returns the state and its
+    noise-free mean.
     """
-    if alpha is None:
-        alpha = langevin_step_factor(sde, t)
-    x_mean = x
-    for _ in range(n_steps):
-        grad = score_fn(x, t)
-        noise = torch.randn_like(x)
-        if remove_halvings:
-            grad = sl.orthogonal_part(grad, remove_halvings)
-            noise = sl.orthogonal_part(noise, remove_halvings)
-        grad_norm = torch.linalg.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
-        noise_norm = torch.linalg.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
-        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-        x_mean = x + batch_broadcast(step_size, x) * grad
-        x = x_mean + batch_broadcast(torch.sqrt(step_size * 2), x) * noise
-    return x, x_mean
+    project = (functools.partial(sl.orthogonal_part, k=remove_halvings) if remove_halvings
+               else None)
+    return langevin_steps(score_fn, sde, x, t, snr, n_steps, alpha=alpha, project=project)
 
 
 def _legacy_langevin_score(model: nn.Module) -> ScoreFn:
     """The reference code's Langevin 'score': the raw network fed the time t as its label."""
     model_fn = mutils.get_model_fn(model, train=False)
     return lambda x, t: model_fn(x, t)
+
+
+def _legacy_offset_factor(sde: sde_lib.SDE, size: int) -> float:
+    """The reference script's data-scaler offset before upsampling: 1 alpha for 16x16 and
+    3 alpha for 8x8 sub-VP states, none otherwise (its CIFAR-10 constants)."""
+    if isinstance(sde, sde_lib.subVPSDE):
+        return {16: 1.0, 8: 3.0}.get(int(size), 0.0)
+    return 0.0
 
 
 def stage_boundaries(plan: sl.SubspacePlan, T: float, eps: float) -> list[tuple[int, float, float]]:
@@ -91,7 +93,7 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
                        continuous: bool = True, denoise: bool = True, langevin_snr: float = 0.22,
                        langevin_steps: int = 2, conditional_langevin_steps: bool = True,
                        legacy_langevin: bool = False, x: torch.Tensor | None = None,
-                       device=None, progress: bool = False
+                       device=None, progress: bool = False, legacy: bool = False
                        ) -> tuple[torch.Tensor, list[StageReport]]:
     """Sample full-size states (data-scaler space) by subspace diffusion (Jing et al. 2022).
 
@@ -104,13 +106,32 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
     used alpha = 1 there for sub-VP. The last stage returns its noise-free mean when `denoise`.
     `x` optionally replaces the prior sample of the first stage. Returns the samples and one
     `StageReport` per stage.
+
+    `legacy=True` reproduces the reference script's sequence of network evaluations (one
+    subspace level only, as it had): each window is its own grid
+    (`sampling.legacy_window_grid`: int(N (start - end)) steps, both ends included, so the cutoff
+    time is evaluated by both windows), the upsampling noise is drawn at the cutoff time itself
+    with its sub-VP CIFAR-10 offsets, and the Langevin steps are those of `legacy_langevin` with
+    alpha = 1. The caller passes the reference's eps (1e-5 for every SDE).
     """
     if len(networks) != plan.num_levels + 1:
         raise ValueError(f"Give {plan.num_levels + 1} networks (full size first, then one per "
                          f"subspace size {list(plan.sizes)}); got {len(networks)}.")
     device = device if device is not None else mutils.default_device()
-    stages = stage_boundaries(plan, sde.T, eps)
-    counts = window_step_counts(sde.N, [sde.T] + [s[2] for s in stages], sde.T, eps)
+    if legacy:
+        if plan.num_levels != 1:
+            raise ValueError(f"The reference script had one subspace level, not "
+                             f"{plan.num_levels} {list(plan.sizes)}: give one --subspace size "
+                             "with --legacy.")
+        windows = plan.windows(sde.T)
+        grids = [legacy_window_grid(sde.N, start, end, sde.T, eps) for _, start, end in windows]
+        stages = [(level, first, last) for (level, _, _), (first, last, _) in zip(windows, grids)]
+        counts = [steps for _, _, steps in grids]
+        grid_eps = None
+    else:
+        stages = stage_boundaries(plan, sde.T, eps)
+        counts = window_step_counts(sde.N, [sde.T] + [s[2] for s in stages], sde.T, eps)
+        grid_eps = eps
     score_fns = [mutils.get_score_fn(sde, net, train=False, continuous=continuous)
                  for net in networks]
     batch, channels = shape[0], shape[1]
@@ -119,7 +140,7 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
         for i, ((level, start, end), steps) in enumerate(zip(stages, counts)):
             began = time.perf_counter()
             size = plan.size_of(level)
-            times = window_timesteps(sde.N, start, end, steps, sde.T, eps, device=device)
+            times = window_timesteps(sde.N, start, end, steps, sde.T, grid_eps, device=device)
             langevin_nfe = 0
             if i == 0:
                 if x is None:
@@ -128,14 +149,20 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
                 # The state has reached this window's first grid time.
                 t_now = float(times[0]) if steps > 0 else start
                 vec_t = torch.full((batch,), t_now, device=device)
-                x = upsample_level(x, sde, vec_t, plan, stages[i - 1][0], centered)
+                lower = stages[i - 1][0]
+                if legacy:
+                    # Noise at the cutoff time itself, with the reference's offsets.
+                    x = upsample_level(x, sde, windows[i][1], plan, lower, centered,
+                                       offset=_legacy_offset_factor(sde, plan.size_of(lower)))
+                else:
+                    x = upsample_level(x, sde, vec_t, plan, lower, centered)
                 if langevin_steps > 0:
-                    removed = plan.relative_halvings(stages[i - 1][0]) if \
-                        conditional_langevin_steps else None
-                    if legacy_langevin:
+                    removed = plan.relative_halvings(lower) if conditional_langevin_steps \
+                        else None
+                    if legacy_langevin or legacy:
                         score = _legacy_langevin_score(networks[level])
-                        alpha = (torch.ones_like(vec_t) if isinstance(sde, sde_lib.subVPSDE)
-                                 else None)
+                        alpha = (torch.ones_like(vec_t)
+                                 if legacy or isinstance(sde, sde_lib.subVPSDE) else None)
                     else:
                         score, alpha = score_fns[level], None
                     x, _ = conditional_langevin(score, sde, x, vec_t, langevin_snr,
@@ -146,7 +173,8 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
                                          corrector, snr, n_steps_each=n_steps_each,
                                          probability_flow=probability_flow,
                                          denoise=denoise and last, progress=progress,
-                                         desc=f"{size}x{size} [{start:g}, {end:g}]", eps=eps)
+                                         desc=f"{size}x{size} [{start:g}, {end:g}]",
+                                         eps=grid_eps)
             if x.device.type == "cuda":
                 torch.cuda.synchronize(x.device)
             reports.append(StageReport(level, size, start, end, steps, nfe + langevin_nfe,

@@ -181,7 +181,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("split", "train", ["train", "eval"], "Dataset split the images come from.")
     flags.DEFINE_string("stats_file", str(subspace_lib.DEFAULT_RMSD_PATH),
                         "Statistics file with the dataset's RMSD per subspace size.")
-    flags.DEFINE_string("dataset", None, "Statistics key (default: from the config).")
+    flags.DEFINE_string("dataset", None, "Statistics key: cifar, celeba (CelebA-HQ-256), church, "
+                        "or any statistics name (default: from the config).")
     flags.DEFINE_string("rmsd", None, "RMSD per size overriding the statistics file, e.g. "
                         "16=0.075,8=0.11.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA weights of the checkpoint.")
@@ -215,7 +216,7 @@ def _cli() -> None:
     thresholds = cutoffs.parse_thresholds(FLAGS.thresholds) if FLAGS.thresholds else None
     times = default_times(FLAGS.num_times, FLAGS.t_min, 1.0)
     overrides = parse_rmsd_overrides(FLAGS.rmsd) if FLAGS.rmsd else {}
-    name = FLAGS.dataset or subspace_lib.dataset_stats_name(config)
+    name = subspace_lib.stats_name_from_flag(FLAGS.dataset, config)
     full_size = int(config.data.image_size)
     rmsd = {s: overrides[s] if s in overrides else
             subspace_lib.dataset_rmsd(name, full_size, s, FLAGS.stats_file) for s in sizes}

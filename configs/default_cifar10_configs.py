@@ -35,6 +35,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
         enable_loss=True,
         enable_bpd=False,
         bpd_dataset="test",
+        # Bits/dim over at most this many images per pass (0 = the whole split, as the original).
+        bpd_num_images=0,
     ))
     config.data = ml_collections.ConfigDict(dict(
         dataset="CIFAR10",

@@ -14,5 +14,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.eval.update(dict(begin_ckpt=50, end_ckpt=96, batch_size=512, enable_sampling=True))
     config.data.dataset = "LSUN"
     config.data.image_size = 256
+    # At 128 px, LSUN images are resized from the photograph as in the original; True takes the
+    # subspace coordinates D of the 256 px images instead (a 128 subspace model).
+    config.data.lsun_128_subspace = False
     config.model.update(dict(sigma_max=378, num_scales=2000, dropout=0.))
     return config

@@ -14,6 +14,7 @@ likelihood and the inpainter use it exactly like a single network.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -65,9 +66,62 @@ class SubspaceScore(nn.Module):
     def num_full(self) -> int:
         return self.nfe_full
 
+    @num_full.setter
+    def num_full(self, value: int) -> None:
+        self.nfe_full = int(value)
+
     @property
     def num_subspace(self) -> int:
         return sum(self.nfe_subspace)
+
+    @num_subspace.setter
+    def num_subspace(self, value: int) -> None:
+        if self.plan.num_levels == 1 or int(value) == 0:
+            self.nfe_subspace = [int(value)] + [0] * (self.plan.num_levels - 1)
+            return
+        raise ValueError(f"num_subspace sums {self.plan.num_levels} levels' counters and can "
+                         "only be set to 0 here: set nfe_subspace, one count per level.")
+
+    def _single_level(self, name: str) -> None:
+        if self.plan.num_levels != 1:
+            raise ValueError(
+                f"{name} is the reference's name for a one-level plan; this one has "
+                f"{self.plan.num_levels} levels {list(self.plan.sizes)}: use plan.cutoffs and "
+                "plan.sizes (set_cutoffs changes the cutoffs).")
+
+    @property
+    def t_boundary(self) -> float:
+        """Cutoff time of a one-level plan (the reference wrapper's attribute)."""
+        self._single_level("t_boundary")
+        return self.plan.cutoffs[0]
+
+    @t_boundary.setter
+    def t_boundary(self, value: float) -> None:
+        self._single_level("t_boundary")
+        self.set_cutoffs([float(value)])
+
+    @property
+    def subspace_size(self) -> int:
+        """Side of the subspace of a one-level plan (the reference wrapper's attribute)."""
+        self._single_level("subspace_size")
+        return self.plan.sizes[0]
+
+    @subspace_size.setter
+    def subspace_size(self, value: int) -> None:
+        raise ValueError("The subspace size of a built SubspaceScore cannot change (its network "
+                         "is built for it): build another with build_subspace_model(..., "
+                         f"sizes=({int(value)},), ...).")
+
+    @property
+    def full_size(self) -> int:
+        """Side of the full images."""
+        return self.plan.full_size
+
+    def set_cutoffs(self, cutoffs: Sequence[float]) -> None:
+        """Move the cutoff times of the plan (same sizes and statistics); as the reference's
+        inpainting script did with `t_boundary`, for a grid over cutoffs with one model."""
+        self.plan = dataclasses.replace(self.plan, cutoffs=tuple(float(c) for c in cutoffs))
+        self._boundaries = [self._boundary_label(c) for c in self.plan.cutoffs]
 
     def reset_nfe(self) -> None:
         """Set the network-evaluation counters to zero."""

@@ -55,8 +55,17 @@ def config_device(config) -> torch.device:
     return torch.device(device) if device is not None else default_device()
 
 
-def create_model(config) -> nn.Module:
-    """Build the network `config.model.name` on `config_device(config)` (no DataParallel)."""
+def create_model(config, subspace: bool = False) -> nn.Module:
+    """Build the network `config.model.name` on `config_device(config)` (no DataParallel).
+
+    `subspace=True` (the subspace-diffusion code's wrapper, configured by absl flags there) is
+    refused with the name of its replacement.
+    """
+    if subspace:
+        raise ValueError(
+            "create_model(config, subspace=True) built the reference's flag-configured wrapper: "
+            "use models.subspace_model.load_subspace_model(config, ckpt_full, ckpt_subspace, "
+            "sizes, cutoffs, dataset) or build_subspace_model(...) instead.")
     model_cls = get_model(config.model.name)
     model = model_cls(config)
     return model.to(config_device(config))

@@ -47,7 +47,7 @@ def _config():
 def test_train_end_to_end_writes_checkpoints_grid_and_events(tmp_path):
     _main(tmp_path, "--config.training.n_iters", "4", "--config.training.snapshot_freq", "2",
           "--config.training.log_freq", "1", "--config.training.eval_freq", "2",
-          "--config.training.snapshot_freq_for_preemption", "2")
+          "--config.training.snapshot_freq_for_preemption", "2", "--snapshot_sampling")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "checkpoint_1.pth", "checkpoint_2.pth"]
     ckpt = torch.load(tmp_path / "checkpoints" / "checkpoint_2.pth", weights_only=True)
