@@ -259,7 +259,8 @@ def _cli() -> None:
     dataset = train_ds if FLAGS.split == "train" else eval_ds
     result = band_errors(score_fn, sde, (as_image_batch(b) for b in dataset), times,
                          datasets.get_data_scaler(config), num_images=FLAGS.num_images,
-                         seed=FLAGS.seed, device=config.device, progress=FLAGS.progress)
+                         seed=FLAGS.seed, device=mutils.config_device(config),
+                         progress=FLAGS.progress)
     size = int(config.data.image_size)
     print(format_band_table(result, f"{size}x{size} model, {FLAGS.split} split"))
     if FLAGS.out:

@@ -11,6 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.update(sde="subvpsde", continuous=True, reduce_mean=True)
     config.sampling.update(method="pc", predictor="euler_maruyama", corrector="none")
     config.data.update(centered=True)
+    # Off in the originals; see models/ncsnpp.py and the README (demo diagnosis).
+    config.model.gaussian_dc_skip = True
     config.model.update(
         name="ncsnpp",
         scale_by_sigma=False,
