@@ -94,7 +94,7 @@ DEFAULT_RMSD_PATH = Path(__file__).resolve().parent / "assets" / "subspace_rmsd.
 # Names by which users refer to a dataset (the original `--dataset` flag, config names).
 _DATASET_ALIASES = {
     "cifar": "cifar10", "cifar10": "cifar10",
-    "celebahq": "celebahq", "celeba_hq": "celebahq", "celebahq_256": "celebahq",
+    "celebahq": "celebahq", "celeba": "celebahq", "celeba_hq": "celebahq", "celebahq_256": "celebahq",
     "church": "church", "lsun_church": "church", "church_outdoor": "church",
     "builtin": "builtin",
 }

@@ -201,6 +201,10 @@ def _read_checkpoint(path: Path, device: torch.device | str | None) -> Any:
         raise CorruptCheckpointError(
             f"Cannot read checkpoint {path}: the file is truncated or corrupt "
             f"({_first_line(exc)}); re-download or re-save it.") from exc
+    except KeyError as exc:  # torch's legacy loader reading a file that is no pickle at all
+        raise CorruptCheckpointError(
+            f"{path} is not a PyTorch checkpoint (unreadable as a torch.save file: bad "
+            f"header byte {exc.args[0] if exc.args else '?'}); give a .pth checkpoint.") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpointError(
             f"Cannot read checkpoint {path}: the file is truncated or corrupt "
@@ -396,34 +400,6 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
 
 
 # --------------------------------------------------------------------------------------------
-# Entry scripts: bad input is one sentence and a non-zero exit, never a traceback.
+# Entry scripts: their error path lives in cli.py; the old names stay importable from here.
 
-class UsageError(ValueError):
-    """Bad command-line input."""
-
-
-class ReportableError(RuntimeError):
-    """A failure that is not a bug, reported to the user as one sentence (e.g. a diverged run)."""
-
-
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ReportableError)
-
-
-def run_entry_point(body, *args, **kwargs) -> None:
-    """Run an entry script's `body(*args, **kwargs)`. A user error (ValueError, KeyError,
-    FileNotFoundError, ReportableError, checkpoint errors included) becomes `error: <sentence>`
-    on stderr and exit status 1; SUBSPACE_DEBUG=1 shows the traceback instead. Under torchrun
-    only rank 0 logs progress; the other ranks log warnings and errors."""
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if os.environ.get("RANK", "0") != "0":
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        body(*args, **kwargs)
-    except USER_ERRORS as error:
-        if os.environ.get("SUBSPACE_DEBUG"):
-            raise
-        message = error.args[0] if error.args else repr(error)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+from cli import USER_ERRORS, ReportableError, UsageError, run_entry_point  # noqa: E402,F401
