@@ -232,3 +232,57 @@ def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = True) -> N
                          "location you can write to.") from None
     if not is_dir and path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path} exists and cannot be replaced; choose another file.")
+
+
+# --------------------------------------------------------------------------------------------
+# Flag parsing: absl's own parse errors as one sentence too
+
+
+def _flag_error_sentence(error: Exception) -> str:
+    """absl's flag-parsing error as one sentence."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    required = [line.split("=", 1)[0].removeprefix("flag ") for line in lines
+                if line.endswith("must have a value other than None.")]
+    if required and len(required) == len(lines):
+        return f"Give the required flag{'s' if len(required) > 1 else ''} {', '.join(required)}."
+    text = " ".join(lines) or type(error).__name__
+    if "Unknown command line flag" in text:
+        return f"{text}; run with --helpfull to list the flags."
+    return text if text.endswith(".") else text + "."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag value, a
+    missing required flag or an unloadable --config file is one line `error: ...`, exit 1."""
+    from absl import flags
+
+    values = flags.FLAGS
+    try:
+        remaining = values(argv)
+    except flags.Error as error:
+        _fail(_flag_error_sentence(error))
+    for name in ("config",):  # config files load lazily; make a load failure a flag error
+        if name not in values or not values[name].present:
+            continue
+        filename = getattr(values[name], "config_filename", None) or ""
+        if filename and not Path(filename.split(":")[0]).is_file():
+            _fail(f"--{name} {filename}: no such config file; give the path of a config file "
+                  "such as configs/ve/cifar10_ncsnpp_continuous.py.")
+        try:
+            getattr(values, name)
+        except Exception as error:  # noqa: BLE001 - ml_collections raises assorted types
+            _fail(f"--{name} {filename} cannot be loaded: {_one_line(str(error))}")
+    return remaining
+
+
+def _fail(sentence: str) -> None:
+    if is_main_rank():
+        print(f"error: {_one_line(sentence)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def start(main: Callable[[list[str]], Any]) -> None:
+    """`absl.app.run(main)` with one-line flag errors (the entry scripts' `__main__`)."""
+    from absl import app
+
+    app.run(main, flags_parser=parse_flags)

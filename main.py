@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections.config_flags import config_flags
 
 import cli
@@ -100,4 +100,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections.config_flags import config_flags
 
 import cli
@@ -117,4 +117,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

@@ -94,7 +94,8 @@ DEFAULT_RMSD_PATH = Path(__file__).resolve().parent / "assets" / "subspace_rmsd.
 # Names by which users refer to a dataset (the original `--dataset` flag, config names).
 _DATASET_ALIASES = {
     "cifar": "cifar10", "cifar10": "cifar10",
-    "celebahq": "celebahq", "celeba": "celebahq", "celeba_hq": "celebahq", "celebahq_256": "celebahq",
+    "celebahq": "celebahq", "celeba": "celebahq", "celeba_hq": "celebahq",
+    "celebahq_256": "celebahq",
     "church": "church", "lsun_church": "church", "church_outdoor": "church",
     "builtin": "builtin",
 }
@@ -146,14 +147,17 @@ def dataset_rmsd(dataset: str, full_size: int, subspace_size: int,
 
 def write_rmsd(dataset: str, full_size: int, rmsd: dict[int, float],
                path: str | os.PathLike | None = None) -> Path:
-    """Add or replace the RMSD values of `dataset` at `full_size` in the statistics file."""
+    """Set the RMSD values of `dataset` at `full_size` in the statistics file to `rmsd`.
+
+    The entry is replaced as a whole (sizes not in `rmsd` are dropped), so one entry never mixes
+    two measurements; other datasets and sizes are kept.
+    """
     from utils import atomic_write_text
 
     path = Path(path) if path is not None else DEFAULT_RMSD_PATH
     raw = json.loads(path.read_text()) if path.is_file() else {}
-    entry = raw.setdefault(canonical_dataset_name(dataset), {}).setdefault(str(int(full_size)), {})
-    for size, value in sorted(rmsd.items(), reverse=True):
-        entry[str(int(size))] = float(value)
+    raw.setdefault(canonical_dataset_name(dataset), {})[str(int(full_size))] = {
+        str(int(size)): float(value) for size, value in sorted(rmsd.items(), reverse=True)}
     atomic_write_text(path, json.dumps(raw, indent=2) + "\n")
     return path
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections.config_flags import config_flags
 
 import cli
@@ -206,4 +206,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

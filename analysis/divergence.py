@@ -254,9 +254,8 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
+    import cli
     from analysis.cli import run
 
     _define_flags()
-    app.run(lambda argv: run(_cli))
+    cli.start(lambda argv: run(_cli))
