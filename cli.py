@@ -260,22 +260,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = values(argv)
     except flags.Error as error:
-        _fail(_flag_error_sentence(error))
+        fail(_flag_error_sentence(error))
     for name in ("config",):  # config files load lazily; make a load failure a flag error
         if name not in values or not values[name].present:
             continue
         filename = getattr(values[name], "config_filename", None) or ""
         if filename and not Path(filename.split(":")[0]).is_file():
-            _fail(f"--{name} {filename}: no such config file; give the path of a config file "
+            fail(f"--{name} {filename}: no such config file; give the path of a config file "
                   "such as configs/ve/cifar10_ncsnpp_continuous.py.")
         try:
             getattr(values, name)
         except Exception as error:  # noqa: BLE001 - ml_collections raises assorted types
-            _fail(f"--{name} {filename} cannot be loaded: {_one_line(str(error))}")
+            fail(f"--{name} {filename} cannot be loaded: {_one_line(str(error))}")
     return remaining
 
 
-def _fail(sentence: str) -> None:
+def fail(sentence: str) -> None:
+    """Print `error: <sentence>` (rank 0) and exit with status 1."""
     if is_main_rank():
         print(f"error: {_one_line(sentence)}", file=sys.stderr)
     sys.exit(1)

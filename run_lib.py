@@ -127,8 +127,6 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     progress = progress and main
     paths = _paths(workdir)
     if main:
-        for key in ("samples", "tensorboard", "checkpoints"):
-            paths[key].mkdir(parents=True, exist_ok=True)
         # Temporaries of checkpoint writes that a killed run (SIGKILL) left behind.
         for folder in (paths["checkpoints"], paths["meta"].parent):
             for stale in remove_stale_temporaries(folder):
@@ -138,6 +136,9 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     state = create_train_state(config, device)
     if main or paths["meta"].is_file():
         state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
+    if main:  # only once the resume checkpoint proved usable
+        for key in ("samples", "tensorboard", "checkpoints"):
+            paths[key].mkdir(parents=True, exist_ok=True)
     initial_step = int(state["step"])
     distributed.check_same_on_all_ranks(
         initial_step, f"the training step restored from {paths['meta']}",
@@ -323,9 +324,12 @@ def gather_bpd(bpds: np.ndarray, nfe: int) -> tuple[np.ndarray | None, int]:
 def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
     path = _paths(workdir)["checkpoints"] / f"checkpoint_{ckpt}.pth"
     if not path.is_file():
+        found = [int(p.stem.split("_")[-1]) for p in _snapshot_files(path.parent)]
+        have = (f"the workdir has checkpoints {', '.join(map(str, found))}" if found
+                else "the workdir has no checkpoints yet")
         raise FileNotFoundError(
-            f"Checkpoint {path} does not exist: train first, or set config.eval.begin_ckpt and "
-            "config.eval.end_ckpt to checkpoints that exist.")
+            f"Checkpoint {path} does not exist ({have}): train first, or set "
+            "config.eval.begin_ckpt and config.eval.end_ckpt to checkpoints that exist.")
     return path
 
 
@@ -403,6 +407,8 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     progress = progress and main
     workdir = Path(workdir)
     eval_dir = workdir / eval_folder
+    for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
+        _checkpoint_path(workdir, ckpt)  # every checkpoint exists before any work is done
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     state = create_train_state(config, device)
@@ -490,13 +496,13 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     main = rank == 0
     progress = progress and main
     eval_dir = Path(workdir) / eval_folder
-    eval_dir.mkdir(parents=True, exist_ok=True)
     save_name = save_name or "subspace_" + "_".join(
         f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
     set_seed(config.seed)
     config.device = device
     model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
                                 dataset=dataset)
+    eval_dir.mkdir(parents=True, exist_ok=True)
     if rank > 0:
         set_seed(distributed.rank_seed(config.seed, rank))
     scaler = datasets.get_data_scaler(config)
