@@ -538,7 +538,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
             metrics = evaluation.evaluate_samples(samples, config)
             if metrics is not None:
                 report.update(metrics)
-                print(f"sample metrics: {metrics}")
+                print(f"sample metrics ({len(samples)} samples): {metrics}")
     if config.eval.enable_bpd:
         likelihood_fn = likelihood.get_likelihood_fn(sde, inverse_scaler)
         model.reset_nfe()

@@ -187,9 +187,11 @@ def run(config) -> None:
         print(f"Network evaluations and time per stage, {num_rounds - first} round(s)"
               + (f" over {world} processes (seconds summed):" if world > 1 else ":"))
         print(format_stage_reports(totals))
-    metrics = evaluation.evaluate_samples(done[:FLAGS.number_samples], config)
+    samples = done[:FLAGS.number_samples]
+    metrics = evaluation.evaluate_samples(samples, config)
     if metrics:
-        print(" ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
+        print(f"{len(samples)} samples: "
+              + " ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
 
 
 def _run_in_session(config) -> None:
