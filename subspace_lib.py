@@ -218,7 +218,7 @@ class SubspacePlan:
     only t = 0, a cutoff of 1 never uses the level). Sizes decrease strictly and cutoffs
     increase strictly. `rmsds[j-1]` is the per-dimension RMSD r_k of the data (pixels in [0,1])
     from the full space to level j; `band_rmsds[j-1]` is the RMSD of the band between levels
-    j-1 and j (DESIGN.md section 3, Pythagoras between nested subspaces).
+    j-1 and j (docs/maths.md section 3, Pythagoras between nested subspaces).
     """
 
     full_size: int

@@ -1,4 +1,4 @@
-"""Orthogonal Fisher divergence of a full score model for each subspace (DESIGN.md section 3).
+"""Orthogonal Fisher divergence of a full score model for each subspace (docs/maths.md section 6).
 
 For data x_0 in [0,1]^d with scaler x' = a x_0 + b, the perturbed state is
 x_t = alpha(t) x' + sigma(t) eps. If the component of the data orthogonal to the k-halvings

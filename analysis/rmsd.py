@@ -7,7 +7,7 @@ subspace has n = C s^2), the per-orthogonal-dimension RMSD is
 
 where proj is one of
   * `downsample`: the orthogonal projector P_k = U^k D^k onto images constant on 2^k blocks
-    (subspace_lib); r is the statistic upsampling and the implicit score use (DESIGN.md, r_k);
+    (subspace_lib); r is the statistic upsampling and the implicit score use (docs/maths.md 3);
   * `pca`: the affine PCA subspace with n components, fit on the first `pca_fit_images` images;
   * `patch_pca`: non-overlapping 2^k x 2^k patches, each reconstructed from a C-component PCA
     basis shared by all patch positions (fit on the first `patch_pca_fit_images` images), so the

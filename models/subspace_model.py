@@ -1,4 +1,4 @@
-"""The implicit full-space score of subspace diffusion (DESIGN.md section 3).
+"""The implicit full-space score of subspace diffusion (docs/maths.md section 5).
 
 A `SubspaceScore` holds the full network and one network per level of a `SubspacePlan`. At time t
 above a level's cutoff the data's components in the bands between the full space and that level
