@@ -194,7 +194,7 @@ def load_subspace_model(config, ckpt_full, ckpt_subspace, sizes, cutoffs,
     import utils
     from models.utils import create_model
 
-    sizes = sl.parse_int_list(sizes, "subspace")
+    sizes = sl.number_tuple(sizes, int, "subspace sizes")
     paths = (ckpt_subspace.split(",") if isinstance(ckpt_subspace, str)
              else [str(p) for p in ckpt_subspace])
     if len(paths) != len(sizes):
