@@ -214,10 +214,10 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
                     writer.add_scalar("eval_loss", eval_loss, step)
             if step != 0 and (step % config.training.snapshot_freq == 0
                               or step == num_train_steps) and main:
-                # A final step between snapshots gets the next number, so it neither overwrites
-                # the last regular snapshot nor, below snapshot_freq, becomes checkpoint_0 where
-                # evaluation (eval.begin_ckpt = 1) does not look.
-                save_step = -(-step // config.training.snapshot_freq)
+                # Numbered as in the original (a final step between snapshots replaces the last
+                # one), except that a run shorter than snapshot_freq saves checkpoint_1, where
+                # evaluation (eval.begin_ckpt = 1) looks, instead of checkpoint_0.
+                save_step = max(1, step // config.training.snapshot_freq)
                 _save_checkpoint(paths["checkpoints"] / f"checkpoint_{save_step}.pth", state)
                 # The preemption checkpoint also marks the run as finished up to here.
                 _save_checkpoint(paths["meta"], state)
