@@ -239,12 +239,13 @@ def _snapshot_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.stem.split("_")[-1]))
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries `utils.atomic_write` leaves when its process is killed
-    (`.checkpoint*.pth.<random>.tmp`) from `folder`; nothing else is touched. Returns them."""
+def remove_stale_temporaries(folder: Path, names: str = "checkpoint*.pth") -> list[Path]:
+    """Delete from `folder` the temporaries `utils.atomic_write` leaves behind when its process
+    is killed while writing a file matching `names` (`.NAME.<random>.tmp`); nothing else is
+    touched. Returns the removed paths."""
     removed = []
     if folder.is_dir():
-        for path in folder.glob(".checkpoint*.pth.*.tmp"):
+        for path in folder.glob(f".{names}.*.tmp"):
             if path.is_file():
                 path.unlink(missing_ok=True)
                 removed.append(path)

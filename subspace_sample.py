@@ -10,6 +10,7 @@ resumes where it stopped; FID/IS/KID are computed when the dataset's statistics 
 """
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 
@@ -135,8 +136,15 @@ def run(config) -> None:
     inverse_scaler = datasets.get_data_inverse_scaler(config)
 
     size, channels = config.data.image_size, config.data.num_channels
-    if main and not path.is_file():
-        sample_settings.record_settings(path, settings)
+    if main:
+        # What a killed run left while writing this name's files (never anything else).
+        from run_lib import remove_stale_temporaries
+
+        for name in (path.name, sample_settings.settings_path(path).name):
+            for stale in remove_stale_temporaries(path.parent, glob.escape(name)):
+                logging.info("Removed %s, left by an interrupted write.", stale)
+        if not path.is_file():
+            sample_settings.record_settings(path, settings)
     done = (_existing_samples(path, FLAGS.batch, FLAGS.number_samples, (size, size, channels))
             if main else None)
     num_rounds = (FLAGS.number_samples - 1) // FLAGS.batch + 1
@@ -190,7 +198,7 @@ def run(config) -> None:
     samples = done[:FLAGS.number_samples]
     metrics = evaluation.evaluate_samples(samples, config)
     if metrics:
-        print(f"{len(samples)} samples: "
+        print(f"metrics over {len(samples)} samples: "
               + " ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
 
 

@@ -70,7 +70,11 @@ def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
     # Resume: ask for 3, then 4 samples; the 2 saved ones are kept and more are drawn, exactly
     # as an uninterrupted run draws them (each round is seeded by seed + round): the round cut to
     # 1 sample for 3 is drawn again in full for 4.
+    (tmp_path / ".run.npy.k1ll3d.tmp").write_bytes(b"left by a killed run")
+    (tmp_path / ".other.npy.x.tmp").write_bytes(b"not this run's")
     resumed = run_cli(*common, "--save_name", "run", "--number_samples", "3")
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".other.npy.x.tmp"]
+    (tmp_path / ".other.npy.x.tmp").unlink()
     assert resumed.returncode == 0, resumed.stderr
     assert np.load(tmp_path / "run.npy").shape[0] == 3
     resumed = run_cli(*common, "--save_name", "run", "--number_samples", "4")
