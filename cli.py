@@ -191,20 +191,30 @@ def check_range(value: float | int | None, flag: str, low: float | None = None,
         span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise UsageError(f"{flag} must lie in {span}; got {value}.")
     if low is not None:
-        relation = ">" if low_open else ">="
+        relation = "greater than" if low_open else "at least"
         raise UsageError(f"{flag} must be {relation} {low:g}; got {value}.")
-    relation = "<" if high_open else "<="
+    relation = "less than" if high_open else "at most"
     raise UsageError(f"{flag} must be {relation} {high:g}; got {value}.")
 
 
+# First bytes of a torch.save file: a zip archive, or (legacy format) a protocol-2 pickle.
+_TORCH_HEADERS = (b"PK\x03\x04", b"\x80")
+
+
 def check_checkpoint_files(paths: Sequence[str | os.PathLike], flag: str) -> None:
-    """Refuse a checkpoint flag whose files do not exist or are not files, naming the first."""
+    """Refuse a checkpoint flag whose files do not exist, are not files, or are no torch.save
+    files at all (a text file, an image), naming the first such file."""
     for path in paths:
         path = Path(path)
         if not path.exists():
             raise UsageError(f"{flag}: no checkpoint file at {path}; check the path.")
         if not path.is_file():
             raise UsageError(f"{flag}: {path} is not a file; give a checkpoint file.")
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head and not head.startswith(_TORCH_HEADERS):
+            raise UsageError(f"{flag}: {path} is not a PyTorch checkpoint (it starts with "
+                             f"{head!r}, not a torch.save header); give a .pth checkpoint file.")
 
 
 def check_writable(path: str | os.PathLike, flag: str, is_dir: bool = True) -> None:

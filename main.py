@@ -55,7 +55,13 @@ def _check_flags(config) -> dict | None:
     if not FLAGS.eval_folder.strip():
         raise UsageError("--eval_folder is empty: give a folder name (inside --workdir).")
     cli.check_writable(FLAGS.workdir, "--workdir")
-    if FLAGS.mode != "train":
+    if FLAGS.mode == "train":
+        from run_lib import resume_checkpoint_path
+
+        resume = resume_checkpoint_path(FLAGS.workdir)
+        if resume.is_file():
+            cli.check_checkpoint_files([resume], "--workdir's resume checkpoint")
+    else:
         cli.check_writable(Path(FLAGS.workdir) / FLAGS.eval_folder, "--eval_folder")
     if FLAGS.mode != "eval_subspace":
         return None

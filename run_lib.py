@@ -67,6 +67,11 @@ def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
     }
 
 
+def resume_checkpoint_path(workdir: str | os.PathLike) -> Path:
+    """The preemption checkpoint training resumes from: WORKDIR/checkpoints-meta/checkpoint.pth."""
+    return _paths(workdir)["meta"]
+
+
 def create_train_state(config, device: torch.device) -> dict:
     """A fresh training state {model, ema, optimizer, step} built from `config`."""
     config.device = device

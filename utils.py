@@ -188,13 +188,6 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
 
 def _read_checkpoint(path: Path, device: torch.device | str | None) -> Any:
     """`torch.load(path, weights_only=True)` with one clear error for unreadable files."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    # torch.save writes a zip archive (PK\3\4) or, in the legacy format, a protocol-2 pickle.
-    if head and not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
-        raise CorruptCheckpointError(
-            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a torch.save "
-            "header); give a .pth checkpoint file.")
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -208,10 +201,6 @@ def _read_checkpoint(path: Path, device: torch.device | str | None) -> Any:
         raise CorruptCheckpointError(
             f"Cannot read checkpoint {path}: the file is truncated or corrupt "
             f"({_first_line(exc)}); re-download or re-save it.") from exc
-    except KeyError as exc:  # torch's legacy loader reading a file that is no pickle at all
-        raise CorruptCheckpointError(
-            f"{path} is not a PyTorch checkpoint (unreadable as a torch.save file: bad "
-            f"header byte {exc.args[0] if exc.args else '?'}); give a .pth checkpoint.") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CorruptCheckpointError(
             f"Cannot read checkpoint {path}: the file is truncated or corrupt "

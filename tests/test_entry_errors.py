@@ -37,6 +37,10 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     blocker = tmp / "a_file"
     blocker.write_text("x")
     inside_file = str(blocker / "samples")
+    # A training workdir whose resume checkpoint is a text file (torch's loader: KeyError 101).
+    textrun = tmp / "textrun"
+    (textrun / "checkpoints-meta").mkdir(parents=True)
+    (textrun / "checkpoints-meta" / "checkpoint.pth").write_text("epoch 1, loss 0.5\n")
     sample = ["--config", CONFIG, "--ckpt_full", CKPT[32], "--ckpt_subspace", CKPT[16],
               "--subspace", "16", "--time", "0.5", "--eval_folder", out, "--save_name", "s",
               "--number_samples", "2", "--batch", "2", "--progress=false"]
@@ -91,6 +95,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("main.py", ["--config", CONFIG, "--workdir", "/proc/run", "--mode", "train"],
          "--workdir"),
         ("main.py", [*main, "--mode", "train", "--config", "nowhere.py"], "--config"),
+        ("main.py", ["--config", CONFIG, "--workdir", str(textrun), "--mode", "train"],
+         "checkpoint.pth is not a PyTorch checkpoint"),
         ("main.py", [*main, "--mode", "eval_subspace", "--subspace", "4"], "--time"),
         ("main.py", [*subspace, "--subspace", "12"], "--subspace 12"),
         ("main.py", [*subspace, "--time", "-0.1"], "--time"),
@@ -155,6 +161,8 @@ def test_bad_input_to_every_entry_script(tmp_path):
                             f"expected '{expected}', stderr {result['stderr'][-600:]!r}")
     assert not failures, "\n".join(failures)
     assert _files_under(tmp_path / "out") == []
+    assert _files_under(tmp_path / "textrun") == ["checkpoints-meta",
+                                                  "checkpoints-meta/checkpoint.pth"]
     assert _tracked_state() == before
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                           text=True).stdout == untracked_before
