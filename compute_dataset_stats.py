@@ -13,12 +13,11 @@ The default output is `assets/stats/<name>_stats.npz` (`<name>_proxy_stats.npz`)
 """
 from __future__ import annotations
 
-import logging
-import sys
-
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections.config_flags import config_flags
+
+import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Dataset configuration.", lock_config=True)
@@ -87,23 +86,29 @@ def compute_stats(config, split: str, features: str, max_images: int | None = No
     return {"mu": mu, "sigma": sigma, "proxy_version": np.int64(evaluation.PROXY_VERSION), **meta}
 
 
-def main(argv) -> None:
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def _run() -> None:
+    """Compute the statistics the flags ask for and write them atomically."""
     import evaluation
     from utils import atomic_numpy_save
 
     config = FLAGS.config
+    cli.check_range(FLAGS.max_images, "--max_images", low=2)
+    out = FLAGS.out or evaluation.STATS_DIR / evaluation.stats_filename(config, FLAGS.features)
+    cli.check_writable(out, "--out", is_dir=False)
     try:
         stats = compute_stats(config, FLAGS.split, FLAGS.features, FLAGS.max_images,
                               FLAGS.inception_path, FLAGS.progress)
-        out = FLAGS.out or evaluation.STATS_DIR / evaluation.stats_filename(config, FLAGS.features)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except ModuleNotFoundError as error:
+        raise cli.ReportableError(f"{error}: install requirements-tf.txt for Inception "
+                                  "statistics, or use --features proxy.") from None
     atomic_numpy_save(out, **stats)
     print(f"Wrote {out} ({int(stats['num_images'])} images, {FLAGS.split} split).")
 
 
+def main(argv) -> None:
+    del argv
+    cli.run_entry_point(_run)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

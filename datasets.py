@@ -6,7 +6,7 @@ the dataset has one). Images are NCHW torch tensors with pixels in [0, 1] before
 the original code yielded NHWC NumPy arrays and permuted them in `run_lib`.
 
 When `config.data.image_size` is the dataset's native size divided by 2^k, every image is mapped
-to its subspace coordinates D^k x (`subspace_lib.downsample`, DESIGN.md section 3): block sums
+to its subspace coordinates D^k x (`subspace_lib.downsample`, docs/maths.md section 2): block sums
 divided by 2^k, so pixel values grow by 2 per halving. This is what training a subspace model at
 `--config.data.image_size 16` means. Uniform dequantization, (255 x + U[0, 1)) / 256, is applied
 at the native resolution before downsampling, so a batch is always D^k of an image in [0, 1].

@@ -12,68 +12,79 @@ EMA weights to assets/checkpoints/builtin and the table and figures to assets/de
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+from types import SimpleNamespace
+
+from absl import flags
+
+import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "full", ["full", "quick", "smoke"],
+                  "full: train (or reuse the workdir's models) and measure everything; quick: "
+                  "sample from the committed checkpoints; smoke: a tiny run for tests.")
+flags.DEFINE_string("workdir", None, "Output folder (default: runs/demo, runs/demo_quick or "
+                    "runs/demo_smoke by mode).")
+flags.DEFINE_bool("reuse_builtin", False, "Full mode: use the committed checkpoints instead of "
+                  "training.")
+flags.DEFINE_bool("export_assets", False, "Full mode: copy the EMA weights to "
+                  "assets/checkpoints/builtin and the table and figures to assets/demo.")
+flags.DEFINE_integer("threads", None, "torch CPU threads (default: torch's choice).")
+flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The demo's command line."""
-    parser = argparse.ArgumentParser(
-        prog="python demo.py",
-        description="Subspace diffusion on the built-in dataset: train or reuse small models, "
-                    "choose cutoffs by the orthogonal Fisher divergence, compare full-only and "
-                    "subspace sampling at the same number of steps.")
-    parser.add_argument("--mode", choices=("full", "quick", "smoke"), default="full",
-                        help="full: train (or reuse the workdir's models) and measure everything;"
-                             " quick: sample from the committed checkpoints; smoke: a tiny run "
-                             "for tests (default: %(default)s)")
-    parser.add_argument("--workdir", default=None,
-                        help="output folder (default: runs/demo, runs/demo_quick or "
-                             "runs/demo_smoke by mode)")
-    parser.add_argument("--reuse_builtin", action="store_true",
-                        help="full mode: use the committed checkpoints instead of training")
-    parser.add_argument("--export_assets", action="store_true",
-                        help="full mode: copy the EMA weights to assets/checkpoints/builtin and "
-                             "the table and figures to assets/demo")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
+    """The demo's flags (`argv` without the program name; default: sys.argv[1:]) as a namespace
+    with mode, workdir, reuse_builtin, export_assets, threads and no_progress. Bad input is one
+    line `error: ...` on stderr and SystemExit(1)."""
+    from absl import app
+
+    app.define_help_flags()  # --help / --helpfull, as under app.run
+    argv = sys.argv[1:] if argv is None else list(argv)
+    FLAGS.unparse_flags()  # main() may run several times in one process (tests)
+    rest = cli.parse_flags(["demo.py", *argv])
+    if len(rest) > 1:
+        cli.fail(f"Unexpected argument '{rest[1]}': demo.py takes flags only (see --help).")
+    args = SimpleNamespace(mode=FLAGS.mode, workdir=FLAGS.workdir,
+                           reuse_builtin=FLAGS.reuse_builtin, export_assets=FLAGS.export_assets,
+                           threads=FLAGS.threads, no_progress=FLAGS.no_progress)
     if args.workdir is None:
         args.workdir = os.path.join("runs", "demo" if args.mode == "full" else f"demo_{args.mode}")
     if args.mode != "full" and (args.reuse_builtin or args.export_assets):
-        parser.error("--reuse_builtin and --export_assets apply to --mode full only.")
+        cli.fail("--reuse_builtin and --export_assets apply to --mode full only.")
     if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be at least 1; got {args.threads}.")
+        cli.fail(f"--threads must be at least 1; got {args.threads}.")
     return args
 
 
-def main(argv=None) -> int:
-    """Run the demo; bad input and missing files end with one line on stderr and status 1."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _run(args: SimpleNamespace) -> None:
     import torch
 
     import demo_lib
-    from utils import CheckpointError
 
+    cli.check_writable(args.workdir, "--workdir")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     settings = demo_lib.DemoSettings.for_mode(args.mode)
-    try:
-        demo_lib.run_demo(settings, args.workdir, reuse_builtin=args.reuse_builtin,
-                          export_assets=args.export_assets, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
-        if os.environ.get("SUBSPACE_DEBUG"):
-            raise
-        print(f"error: {error.args[0] if error.args else error!r}", file=sys.stderr)
-        return 1
+    demo_lib.run_demo(settings, args.workdir, reuse_builtin=args.reuse_builtin,
+                      export_assets=args.export_assets, progress=not args.no_progress)
     with open(os.path.join(args.workdir, "results.md")) as handle:
         print(handle.read())
     print(f"Results: {os.path.join(args.workdir, 'results.md')} (table), "
           f"{os.path.join(args.workdir, 'samples.png')} (samples side by side).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; bad input and missing files end with one line on stderr and status 1."""
+    try:
+        args = parse_args(argv)
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        cli.run_entry_point(_run, args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
     return 0
 
 

@@ -436,6 +436,10 @@ def inception_metrics(images, data_stats: dict, inception_model, inceptionv3: bo
     return metrics
 
 
+# Below this many samples FID-like metrics are dominated by their small-sample bias.
+MIN_METRIC_SAMPLES = 1000
+
+
 def evaluate_samples(samples, config, inception_model=None,
                      stats_dir: str | os.PathLike | None = None) -> dict[str, float] | None:
     """Metrics of samples (uint8 NHWC or float NCHW in [0, 1]) against the configured dataset.
@@ -445,6 +449,10 @@ def evaluate_samples(samples, config, inception_model=None,
     otherwise the proxy FID when proxy statistics exist; otherwise None, with a logged sentence.
     """
     inceptionv3 = config.data.image_size >= 256
+    if len(samples) < MIN_METRIC_SAMPLES:
+        logger.warning("Metrics from %d samples are strongly biased (FID grows as the count "
+                       "shrinks); compare runs only at equal counts of at least %d.",
+                       len(samples), MIN_METRIC_SAMPLES)
     try:
         stats = load_dataset_stats(config, "inception", stats_dir)
     except FileNotFoundError as error:

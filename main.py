@@ -6,10 +6,13 @@ each process then takes one device and its share of the work (see `distributed.p
 """
 from __future__ import annotations
 
-from absl import app, flags
+from pathlib import Path
+
+from absl import flags
 from ml_collections.config_flags import config_flags
 
-from utils import UsageError, run_entry_point
+import cli
+from cli import UsageError, run_entry_point
 
 FLAGS = flags.FLAGS
 
@@ -43,30 +46,62 @@ def _run(argv) -> None:
     import run_lib  # imported here so that --help works without loading torch
 
     config = FLAGS.config
+    subspace_args = _check_flags(config)
     with distributed.session(config.device, FLAGS.dist_timeout_minutes) as device:
         config.device = device
-        _dispatch(config, run_lib)
+        _dispatch(config, run_lib, subspace_args)
 
 
-def _dispatch(config, run_lib) -> None:
+def _check_flags(config) -> dict | None:
+    """Check the flags before anything is built; the parsed eval_subspace arguments (or None)."""
+    cli.check_range(FLAGS.dist_timeout_minutes, "--dist_timeout_minutes", low=0, low_open=True)
+    if not FLAGS.eval_folder.strip():
+        raise UsageError("--eval_folder is empty: give a folder name (inside --workdir).")
+    cli.check_writable(FLAGS.workdir, "--workdir")
+    if FLAGS.mode == "train":
+        from run_lib import resume_checkpoint_path
+
+        resume = resume_checkpoint_path(FLAGS.workdir)
+        if resume.is_file():
+            cli.check_checkpoint_files([resume], "--workdir's resume checkpoint")
+    else:
+        cli.check_writable(Path(FLAGS.workdir) / FLAGS.eval_folder, "--eval_folder")
+    if FLAGS.mode != "eval_subspace":
+        return None
+    ckpt_full = FLAGS.ckpt_full or FLAGS.checkpoint_full
+    ckpt_subspace = FLAGS.ckpt_subspace or FLAGS.checkpoint_subspace
+    missing = [name for name, value in (("--subspace", FLAGS.subspace), ("--time", FLAGS.time),
+                                        ("--ckpt_full", ckpt_full),
+                                        ("--ckpt_subspace", ckpt_subspace)) if not value]
+    if missing:
+        raise UsageError(f"--mode eval_subspace needs {', '.join(missing)}.")
+    sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", config.data.image_size)
+    cutoffs = cli.parse_times(FLAGS.time)
+    ckpts = cli.parse_paths(ckpt_subspace, "--ckpt_subspace")
+    if len(ckpts) != len(sizes):
+        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
+                         "--ckpt_subspace files: give one per size, same order.")
+    cli.check_checkpoint_files([ckpt_full], "--ckpt_full")
+    cli.check_checkpoint_files(ckpts, "--ckpt_subspace")
+    if FLAGS.save_name is not None and (not FLAGS.save_name.strip()
+                                        or Path(FLAGS.save_name).name != FLAGS.save_name):
+        raise UsageError(f"--save_name '{FLAGS.save_name}' must be a plain file name without "
+                         "folders.")
+    return dict(subspace_sizes=list(sizes), cutoffs=list(cutoffs), ckpt_full=ckpt_full,
+                ckpt_subspace=ckpts)
+
+
+def _dispatch(config, run_lib, subspace_args: dict | None = None) -> None:
     if FLAGS.mode == "train":
         config.training.snapshot_sampling = FLAGS.snapshot_sampling
         run_lib.train(config, FLAGS.workdir, progress=FLAGS.progress)
     elif FLAGS.mode == "eval":
         run_lib.evaluate(config, FLAGS.workdir, FLAGS.eval_folder, progress=FLAGS.progress)
     else:
-        ckpt_full = FLAGS.ckpt_full or FLAGS.checkpoint_full
-        ckpt_subspace = FLAGS.ckpt_subspace or FLAGS.checkpoint_subspace
-        missing = [name for name, value in (("--subspace", FLAGS.subspace), ("--time", FLAGS.time),
-                                            ("--ckpt_full", ckpt_full),
-                                            ("--ckpt_subspace", ckpt_subspace)) if not value]
-        if missing:
-            raise UsageError(f"--mode eval_subspace needs {', '.join(missing)}.")
+        if subspace_args is None:
+            subspace_args = _check_flags(config)
         run_lib.evaluate_subspace(
-            config, FLAGS.workdir, FLAGS.eval_folder,
-            subspace_sizes=[int(s) for s in FLAGS.subspace.split(",")],
-            cutoffs=[float(t) for t in FLAGS.time.split(",")],
-            ckpt_full=ckpt_full, ckpt_subspace=ckpt_subspace.split(","),
+            config, FLAGS.workdir, FLAGS.eval_folder, **subspace_args,
             dataset=FLAGS.dataset, save_name=FLAGS.save_name, progress=FLAGS.progress)
 
 
@@ -75,4 +110,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

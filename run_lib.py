@@ -1,6 +1,7 @@
 """Training and evaluation loops behind `main.py` (the score-SDE half of the project)."""
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -14,6 +15,7 @@ import datasets
 import distributed
 import evaluation
 import losses
+import sample_settings
 import sampling
 import sde_lib
 import subspace_lib
@@ -62,6 +64,11 @@ def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
         "checkpoints": workdir / "checkpoints",
         "meta": workdir / "checkpoints-meta" / "checkpoint.pth",
     }
+
+
+def resume_checkpoint_path(workdir: str | os.PathLike) -> Path:
+    """The preemption checkpoint training resumes from: WORKDIR/checkpoints-meta/checkpoint.pth."""
+    return _paths(workdir)["meta"]
 
 
 def create_train_state(config, device: torch.device) -> dict:
@@ -136,20 +143,32 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     progress = progress and main
     paths = _paths(workdir)
     if main:
-        for key in ("samples", "tensorboard", "checkpoints"):
-            paths[key].mkdir(parents=True, exist_ok=True)
+        # Temporaries of checkpoint writes that a killed run (SIGKILL) left behind.
+        for folder in (paths["checkpoints"], paths["meta"].parent):
+            for stale in remove_stale_temporaries(folder):
+                logger.info("Removed %s, left by an interrupted checkpoint write.", stale)
     distributed.per_rank_batch_size(config.training.batch_size, world)
     set_seed(config.seed)
     state = create_train_state(config, device)
     if main or paths["meta"].is_file():
         state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
+    if main:  # only once the resume checkpoint proved usable
+        for key in ("samples", "tensorboard", "checkpoints"):
+            paths[key].mkdir(parents=True, exist_ok=True)
     initial_step = int(state["step"])
     if not getattr(state["model"], "has_dc_statistics", lambda: True)():
         set_dc_statistics(state["model"], config, device)
     distributed.check_same_on_all_ranks(
         initial_step, f"the training step restored from {paths['meta']}",
         "put the workdir on a filesystem that every node shares")
-    if initial_step > 0:
+    num_train_steps = config.training.n_iters
+    if initial_step > num_train_steps:
+        # The loop below would take no step: say so instead of silently doing nothing.
+        logger.info("Training in %s is complete: the preemption checkpoint is at step %d and "
+                    "training.n_iters is %d; raise training.n_iters to train on. Checkpoints: "
+                    "%s.", workdir, initial_step, num_train_steps,
+                    ", ".join(p.name for p in _snapshot_files(paths["checkpoints"])) or "none")
+    elif initial_step > 0:
         logger.info("Resuming training from step %d (%s).", initial_step, paths["meta"])
     if initial_step > 0 or rank > 0:
         # A resumed run must not replay the data and noise of the steps already taken, and
@@ -184,7 +203,6 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
                                                progress=progress)
 
     writer = _summary_writer(paths["tensorboard"]) if main else None
-    num_train_steps = config.training.n_iters
     try:
         steps = tqdm(range(initial_step, num_train_steps + 1), initial=initial_step,
                      total=num_train_steps + 1, desc="train", disable=not progress)
@@ -204,7 +222,7 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
                 steps.set_postfix(loss=f"{loss_value:.4g}")
                 logger.info("step: %d, training_loss: %.5e", step, loss_value)
             if step != 0 and step % config.training.snapshot_freq_for_preemption == 0 and main:
-                utils.save_checkpoint(paths["meta"], state)
+                _save_checkpoint(paths["meta"], state)
             if step % config.training.eval_freq == 0:
                 eval_batch = scaler(next(eval_iter)["image"].to(device))
                 # Evaluation and sampling use the plain network, outside DDP's collectives.
@@ -214,10 +232,13 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
                     writer.add_scalar("eval_loss", eval_loss, step)
             if step != 0 and (step % config.training.snapshot_freq == 0
                               or step == num_train_steps) and main:
-                save_step = step // config.training.snapshot_freq
-                utils.save_checkpoint(paths["checkpoints"] / f"checkpoint_{save_step}.pth", state)
+                # Numbered as in the original (a final step between snapshots replaces the last
+                # one), except that a run shorter than snapshot_freq saves checkpoint_1, where
+                # evaluation (eval.begin_ckpt = 1) looks, instead of checkpoint_0.
+                save_step = max(1, step // config.training.snapshot_freq)
+                _save_checkpoint(paths["checkpoints"] / f"checkpoint_{save_step}.pth", state)
                 # The preemption checkpoint also marks the run as finished up to here.
-                utils.save_checkpoint(paths["meta"], state)
+                _save_checkpoint(paths["meta"], state)
                 if sampling_fn is not None:
                     _snapshot_samples(sampling_fn, dict(state, model=network), step,
                                       paths["samples"])
@@ -228,6 +249,47 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     distributed.barrier()
     state["model"] = network
     return state
+
+
+def _snapshot_files(folder: Path) -> list[Path]:
+    """The `checkpoint_<n>.pth` files of a checkpoints folder, by number."""
+    found = [p for p in folder.glob("checkpoint_*.pth") if p.stem.split("_")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.stem.split("_")[-1]))
+
+
+def remove_stale_temporaries(folder: Path, names: str = "checkpoint*.pth") -> list[Path]:
+    """Delete from `folder` the temporaries `utils.atomic_write` leaves behind when its process
+    is killed while writing a file matching `names` (`.NAME.<random>.tmp`); nothing else is
+    touched. Returns the removed paths."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.glob(f".{names}.*.tmp"):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """`utils.save_checkpoint`, with a failed write (disk full, permissions) reported as one
+    sentence that says the last complete checkpoint is intact."""
+    try:
+        utils.save_checkpoint(path, state)
+        return
+    except OSError as error:
+        if error.errno != errno.ENOSPC and error.strerror is None:
+            raise
+        reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror.lower()
+        cause = error
+    except RuntimeError as error:
+        # torch's zip writer reports a short write (a full disk) as an "unexpected pos" failure.
+        if not any(s in str(error) for s in ("unexpected pos", "file write failed", "No space")):
+            raise
+        reason, cause = "the disk is full", error
+    raise utils.ReportableError(
+        f"Cannot write checkpoint {path} at step {int(state['step'])}: {reason}; the last "
+        "complete checkpoint is intact, so free space (or fix the folder) and run again to "
+        "resume.") from cause
 
 
 def round_seed(seed: int, ckpt: int, round_index: int) -> int:
@@ -337,16 +399,22 @@ def gather_bpd(bpds: np.ndarray, nfe: int) -> tuple[np.ndarray | None, int]:
 def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
     path = _paths(workdir)["checkpoints"] / f"checkpoint_{ckpt}.pth"
     if not path.is_file():
+        found = [int(p.stem.split("_")[-1]) for p in _snapshot_files(path.parent)]
+        have = (f"the workdir has checkpoints {', '.join(map(str, found))}" if found
+                else "the workdir has no checkpoints yet")
         raise FileNotFoundError(
-            f"Checkpoint {path} does not exist: train first, or set config.eval.begin_ckpt and "
-            "config.eval.end_ckpt to checkpoints that exist.")
+            f"Checkpoint {path} does not exist ({have}): train first, or set "
+            "config.eval.begin_ckpt and config.eval.end_ckpt to checkpoints that exist.")
     return path
 
 
 def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
-                   progress: bool) -> np.ndarray | None:
+                   progress: bool, settings: dict | None = None) -> np.ndarray | None:
     """Draw config.eval.num_samples samples in rounds of eval.batch_size, one file per round;
-    rounds already on disk are reused, so an interrupted evaluation resumes.
+    rounds already on disk are reused, so an interrupted evaluation resumes and a larger
+    num_samples extends it. The settings that make the samples (config digest, seed, batch size
+    and the entries of `settings`, e.g. checkpoints and plan) are recorded beside the folder
+    (`sample_settings`); reusing rounds made with other settings is refused.
 
     Under torchrun round r runs on rank r mod W with the seed it has in one process; rank 0
     receives every round (writing the files it lacks) and returns the samples; other ranks
@@ -354,6 +422,16 @@ def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
     """
     batch = config.eval.batch_size
     num_rounds = -(-config.eval.num_samples // batch)
+    record = {"config": sample_settings.config_digest(config), "ckpt": ckpt,
+              "seed": config.seed, "batch": batch, **(settings or {})}
+    main = distributed.is_main_process()
+    exists = sample_dir.is_dir() and any(sample_dir.glob("samples_*.npz"))
+    problem = distributed.broadcast_from_main(
+        sample_settings.settings_problem(sample_dir, record, exists) if main else None)
+    if problem:
+        raise sample_settings.SettingsMismatchError(problem)
+    if main and not exists:
+        sample_settings.record_settings(sample_dir, record)
 
     def draw(r: int) -> np.ndarray:
         path = sample_dir / f"samples_{r}.npz"
@@ -404,6 +482,8 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     progress = progress and main
     workdir = Path(workdir)
     eval_dir = workdir / eval_folder
+    for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
+        _checkpoint_path(workdir, ckpt)  # every checkpoint exists before any work is done
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     state = create_train_state(config, device)
@@ -432,7 +512,8 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
 
     reports = {}
     for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
-        state = utils.restore_checkpoint(_checkpoint_path(workdir, ckpt), state, device)
+        ckpt_path = _checkpoint_path(workdir, ckpt)
+        state = utils.restore_checkpoint(ckpt_path, state, device)
         model = state["model"]
         report: dict = {"checkpoint": ckpt, "step": int(state["step"])}
         if config.eval.enable_loss:
@@ -451,8 +532,10 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
                     report.update(bpd=float(bpds.mean()), bpd_nfe=nfe)
                     logger.info("checkpoint %d: mean bpd %.5f", ckpt, report["bpd"])
             if config.eval.enable_sampling:
+                settings = {"command": "eval",
+                            "checkpoint": sample_settings.checkpoint_entries([ckpt_path])[0]}
                 samples = _sample_rounds(sampling_fn, model, config, ckpt,
-                                         eval_dir / f"ckpt_{ckpt}", progress)
+                                         eval_dir / f"ckpt_{ckpt}", progress, settings)
                 if main:
                     report["num_samples"] = len(samples)
                     metrics = evaluation.evaluate_samples(samples, config)
@@ -485,13 +568,13 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     main = rank == 0
     progress = progress and main
     eval_dir = Path(workdir) / eval_folder
-    eval_dir.mkdir(parents=True, exist_ok=True)
     save_name = save_name or "subspace_" + "_".join(
         f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
     set_seed(config.seed)
     config.device = device
     model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
                                 dataset=sl.stats_name_from_flag(dataset, config))
+    eval_dir.mkdir(parents=True, exist_ok=True)
     if rank > 0:
         set_seed(distributed.rank_seed(config.seed, rank))
     scaler = datasets.get_data_scaler(config)
@@ -510,7 +593,12 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
         sampling_fn = sampling.get_sampling_fn(config, sde, shape, inverse_scaler, sampling_eps,
                                                progress=progress)
         model.reset_nfe()
-        samples = _sample_rounds(sampling_fn, model, config, 0, eval_dir / save_name, progress)
+        settings = {"command": "eval_subspace", "subspace": [int(n) for n in subspace_sizes],
+                    "time": [float(t) for t in cutoffs], "dataset": dataset,
+                    "ckpt_full": sample_settings.checkpoint_entries([ckpt_full])[0],
+                    "ckpt_subspace": sample_settings.checkpoint_entries(list(ckpt_subspace))}
+        samples = _sample_rounds(sampling_fn, model, config, 0, eval_dir / save_name, progress,
+                                 settings)
         num_full, num_subspace, per_level = nfe_over_ranks()
         if main:
             utils.atomic_numpy_save(eval_dir / f"{save_name}.npy", samples=samples)
@@ -522,7 +610,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
             metrics = evaluation.evaluate_samples(samples, config)
             if metrics is not None:
                 report.update(metrics)
-                print(f"sample metrics: {metrics}")
+                print(f"sample metrics ({len(samples)} samples): {metrics}")
     if config.eval.enable_bpd:
         likelihood_fn = likelihood.get_likelihood_fn(sde, inverse_scaler)
         model.reset_nfe()

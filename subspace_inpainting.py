@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections.config_flags import config_flags
 
-from utils import run_entry_point
+import cli
+from cli import UsageError, run_entry_point
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -55,29 +56,37 @@ def run(config) -> None:
     ckpt_full = FLAGS.checkpoint_full or FLAGS.ckpt_full
     ckpt_subspace = FLAGS.checkpoint_subspace or FLAGS.ckpt_subspace
     if not ckpt_full or not ckpt_subspace:
-        raise ValueError("Give --checkpoint_full and --checkpoint_subspace (or --ckpt_full and "
+        raise UsageError("Give --checkpoint_full and --checkpoint_subspace (or --ckpt_full and "
                          "--ckpt_subspace).")
-    if FLAGS.batch_size < 1:
-        raise ValueError(f"--batch_size must be positive; got {FLAGS.batch_size}.")
-    sizes = sl.parse_int_list(FLAGS.subspace, "subspace")
-    times = sl.parse_float_list(FLAGS.time or DEFAULT_TIMES, "time")
+    cli.check_range(FLAGS.batch_size, "--batch_size", low=1)
+    cli.check_range(FLAGS.seed, "--seed", low=0)
+    sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", config.data.image_size)
+    times = cli.parse_times(FLAGS.time or DEFAULT_TIMES)
     columns = [(t,) for t in times] if len(sizes) == 1 else [times]
-    ckpts = [p.strip() for p in ckpt_subspace.split(",") if p.strip()]
+    ckpts = cli.parse_paths(ckpt_subspace, "--checkpoint_subspace")
     if len(ckpts) != len(sizes):
-        raise ValueError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
+        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
                          "--checkpoint_subspace files: give one per size, same order.")
+    cli.check_checkpoint_files([ckpt_full], "--checkpoint_full")
+    cli.check_checkpoint_files(ckpts, "--checkpoint_subspace")
+    cli.check_writable(FLAGS.image_path, "--image_path", is_dir=False)
     dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
     plans = [sl.SubspacePlan.from_statistics(config.data.image_size, sizes, column, dataset)
              for column in columns]
 
     config.eval.batch_size = FLAGS.batch_size
+    _, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
+    images = next(iter(eval_ds))["image"][:FLAGS.batch_size]
+    if len(images) < FLAGS.batch_size:
+        raise UsageError(f"--batch_size {FLAGS.batch_size} asks for more rows than the "
+                         f"evaluation set's {len(images)} images; use --batch_size "
+                         f"{len(images)} or less.")
     sde, eps = sde_lib.get_sde(config)
     device = mutils.config_device(config)
+    images = images.to(device)
     full = load_model_weights(mutils.create_model(config), ckpt_full)
     subs = [load_model_weights(mutils.create_model(cfg), path)
             for cfg, path in zip(subspace_configs(config, sizes), ckpts)]
-    _, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
-    images = next(iter(eval_ds))["image"][:FLAGS.batch_size].to(device)
     mask = cg.inpainting_mask(FLAGS.mask, images.shape).to(device)
     scaler = datasets.get_data_scaler(config)
     inpainter = cg.get_pc_inpainter(
@@ -108,4 +117,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

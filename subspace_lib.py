@@ -94,7 +94,8 @@ DEFAULT_RMSD_PATH = Path(__file__).resolve().parent / "assets" / "subspace_rmsd.
 # Names by which users refer to a dataset (the original `--dataset` flag, config names).
 _DATASET_ALIASES = {
     "cifar": "cifar10", "cifar10": "cifar10",
-    "celebahq": "celebahq", "celeba_hq": "celebahq", "celebahq_256": "celebahq",
+    "celebahq": "celebahq", "celeba": "celebahq", "celeba_hq": "celebahq",
+    "celebahq_256": "celebahq",
     "church": "church", "lsun_church": "church", "church_outdoor": "church",
     "builtin": "builtin",
 }
@@ -161,14 +162,17 @@ def dataset_rmsd(dataset: str, full_size: int, subspace_size: int,
 
 def write_rmsd(dataset: str, full_size: int, rmsd: dict[int, float],
                path: str | os.PathLike | None = None) -> Path:
-    """Add or replace the RMSD values of `dataset` at `full_size` in the statistics file."""
+    """Set the RMSD values of `dataset` at `full_size` in the statistics file to `rmsd`.
+
+    The entry is replaced as a whole (sizes not in `rmsd` are dropped), so one entry never mixes
+    two measurements; other datasets and sizes are kept.
+    """
     from files import atomic_write_text
 
     path = Path(path) if path is not None else DEFAULT_RMSD_PATH
     raw = json.loads(path.read_text()) if path.is_file() else {}
-    entry = raw.setdefault(canonical_dataset_name(dataset), {}).setdefault(str(int(full_size)), {})
-    for size, value in sorted(rmsd.items(), reverse=True):
-        entry[str(int(size))] = float(value)
+    raw.setdefault(canonical_dataset_name(dataset), {})[str(int(full_size))] = {
+        str(int(size)): float(value) for size, value in sorted(rmsd.items(), reverse=True)}
     atomic_write_text(path, json.dumps(raw, indent=2) + "\n")
     return path
 
@@ -189,34 +193,33 @@ def between_level_rmsd(d: int, n_i: int, r_i: float, n_j: int, r_j: float) -> fl
 # --------------------------------------------------------------------------------------------
 # Nested subspace plans: which network runs at which time, and the Gaussian bands between levels.
 
-def parse_int_list(text: str | int | list | tuple, name: str) -> tuple[int, ...]:
-    """Parse a comma list of integers such as the `--subspace 16,8` flag."""
-    if isinstance(text, int):
-        return (text,)
-    items = text.split(",") if isinstance(text, str) else list(text)
+def number_tuple(values, convert, what: str) -> tuple:
+    """`values` (one number, a sequence, or a comma string as notebooks pass it) as a tuple."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return (convert(values),)
+    items = values.split(",") if isinstance(values, str) else list(values)
     try:
-        values = tuple(int(str(item).strip()) for item in items if str(item).strip())
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma-separated list of integers; got '{text}'.") \
-            from None
-    if not values:
-        raise ValueError(f"--{name} is empty: give at least one value.")
-    return values
+        out = tuple(convert(str(v).strip()) if isinstance(v, str) else convert(v)
+                    for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"The {what} must be numbers; got {values!r}.") from None
+    if not out:
+        raise ValueError(f"No {what} given: give at least one.")
+    return out
+
+
+def parse_int_list(text: str | int | list | tuple, name: str) -> tuple[int, ...]:
+    """Deprecated: `cli.parse_int_list(text, "--" + name)`, where flag parsing now lives."""
+    from cli import parse_int_list as parse
+
+    return parse(text, f"--{name}")
 
 
 def parse_float_list(text: str | float | list | tuple, name: str) -> tuple[float, ...]:
-    """Parse a comma list of numbers such as the `--time 0.5,0.6` flag."""
-    if isinstance(text, (int, float)):
-        return (float(text),)
-    items = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        values = tuple(float(str(item).strip()) for item in items if str(item).strip())
-    except ValueError:
-        raise ValueError(f"--{name} must be a comma-separated list of numbers; got '{text}'.") \
-            from None
-    if not values:
-        raise ValueError(f"--{name} is empty: give at least one value.")
-    return values
+    """Deprecated: `cli.parse_float_list(text, "--" + name)`, where flag parsing now lives."""
+    from cli import parse_float_list as parse
+
+    return parse(text, f"--{name}")
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ class SubspacePlan:
     only t = 0, a cutoff of 1 never uses the level). Sizes decrease strictly and cutoffs
     increase strictly. `rmsds[j-1]` is the per-dimension RMSD r_k of the data (pixels in [0,1])
     from the full space to level j; `band_rmsds[j-1]` is the RMSD of the band between levels
-    j-1 and j (DESIGN.md section 3, Pythagoras between nested subspaces).
+    j-1 and j (docs/maths.md section 3, Pythagoras between nested subspaces).
     """
 
     full_size: int
@@ -286,9 +289,13 @@ class SubspacePlan:
     @classmethod
     def from_statistics(cls, full_size: int, sizes, cutoffs, dataset: str,
                         stats_path: str | os.PathLike | None = None) -> SubspacePlan:
-        """A plan whose RMSDs come from the statistics file (assets/subspace_rmsd.json)."""
-        sizes = parse_int_list(sizes, "subspace")
-        cutoffs = parse_float_list(cutoffs, "time")
+        """A plan whose RMSDs come from the statistics file (assets/subspace_rmsd.json).
+
+        `sizes` and `cutoffs` are sequences of numbers (entry scripts parse their flags with
+        `cli`); a comma string such as "16,8" is accepted too, for notebooks.
+        """
+        sizes = number_tuple(sizes, int, "subspace sizes")
+        cutoffs = number_tuple(cutoffs, float, "cutoff times")
         rmsds = tuple(dataset_rmsd(dataset, full_size, s, stats_path) for s in sizes)
         return cls(full_size, sizes, cutoffs, rmsds)
 

@@ -10,13 +10,15 @@ resumes where it stopped; FID/IS/KID are computed when the dataset's statistics 
 """
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections.config_flags import config_flags
 
-from utils import run_entry_point
+import cli
+from cli import UsageError, run_entry_point
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -53,22 +55,48 @@ flags.mark_flags_as_required(["eval_folder", "save_name", "ckpt_subspace", "ckpt
 LEGACY_EPS = 1e-5
 
 
-
 def _existing_samples(path: Path, batch: int, number: int, image_shape: tuple[int, int, int]):
-    """Samples saved by an earlier, interrupted run with the same settings (or None)."""
+    """Samples saved by an earlier run with the same settings (or None), cut to whole rounds
+    when this run needs more: the earlier run's last round was cut to its own sample count."""
     import numpy as np
 
     if not path.is_file():
         return None
-    done = np.load(path)
+    try:
+        done = np.load(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} is not a readable .npy sample file ({error}): choose another "
+                         "--save_name or delete it.") from None
     if done.ndim != 4 or tuple(done.shape[1:]) != image_shape or done.dtype != np.uint8:
-        raise ValueError(
+        raise UsageError(
             f"{path} holds samples of shape {done.shape} ({done.dtype}), not uint8 "
             f"[N, {', '.join(map(str, image_shape))}]: choose another --save_name or delete it.")
-    if len(done) % batch and len(done) != number:
-        raise ValueError(f"{path} holds {len(done)} samples, not a multiple of --batch {batch}: "
-                         "resume with the batch size of the interrupted run.")
+    if len(done) < number:
+        done = done[: len(done) // batch * batch]
     return done
+
+
+def check_flags(full_size: int) -> tuple[tuple[int, ...], tuple[float, ...], list[str]]:
+    """Check every flag before anything expensive; returns sizes, cutoff times, checkpoints."""
+    cli.check_range(FLAGS.number_samples, "--number_samples", low=1)
+    cli.check_range(FLAGS.batch, "--batch", low=1)
+    cli.check_range(FLAGS.langevin_steps, "--langevin_steps", low=0)
+    cli.check_range(FLAGS.langevin_snr, "--langevin_snr", low=0, low_open=True)
+    cli.check_range(FLAGS.eps, "--eps", low=0, high=1, low_open=True, high_open=True)
+    cli.check_range(FLAGS.seed, "--seed", low=0)
+    sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", full_size)
+    times = cli.parse_times(FLAGS.time)
+    ckpts = cli.parse_paths(FLAGS.ckpt_subspace, "--ckpt_subspace")
+    if len(ckpts) != len(sizes):
+        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
+                         "--ckpt_subspace files: give one per size, same order.")
+    cli.check_checkpoint_files([FLAGS.ckpt_full], "--ckpt_full")
+    cli.check_checkpoint_files(ckpts, "--ckpt_subspace")
+    if not FLAGS.save_name.strip() or Path(FLAGS.save_name).name != FLAGS.save_name:
+        raise UsageError(f"--save_name '{FLAGS.save_name}' must be a plain file name without "
+                         "folders; put the folder in --eval_folder.")
+    cli.check_writable(FLAGS.eval_folder, "--eval_folder")
+    return sizes, times, ckpts
 
 
 def run(config) -> None:
@@ -79,6 +107,7 @@ def run(config) -> None:
     import datasets
     import distributed
     import evaluation
+    import sample_settings
     import sde_lib
     import subspace_lib as sl
     from models import utils as mutils
@@ -86,32 +115,48 @@ def run(config) -> None:
     from subspace_sampling import StageReport, format_stage_reports, subspace_pc_sample
     from utils import atomic_numpy_save, load_model_weights
 
-    if FLAGS.number_samples < 1 or FLAGS.batch < 1:
-        raise ValueError("--number_samples and --batch must be positive.")
-    if FLAGS.langevin_steps < 0:
-        raise ValueError(f"--langevin_steps must be >= 0; got {FLAGS.langevin_steps}.")
+    sizes, times, ckpts = check_flags(config.data.image_size)
     dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
-    plan = sl.SubspacePlan.from_statistics(config.data.image_size, FLAGS.subspace, FLAGS.time,
-                                           dataset)
-    ckpts = [p.strip() for p in FLAGS.ckpt_subspace.split(",") if p.strip()]
-    if len(ckpts) != plan.num_levels:
-        raise ValueError(f"Got {plan.num_levels} subspace sizes {list(plan.sizes)} but "
-                         f"{len(ckpts)} --ckpt_subspace files: give one per size, same order.")
+    plan = sl.SubspacePlan.from_statistics(config.data.image_size, sizes, times, dataset)
     sde, default_eps = sde_lib.get_sde(config)
     if FLAGS.eps is not None:
         eps = FLAGS.eps
     else:
         eps = LEGACY_EPS if FLAGS.legacy else default_eps
     device = config.device
-    networks = [load_model_weights(mutils.create_model(config), FLAGS.ckpt_full)]
-    networks += [load_model_weights(mutils.create_model(cfg), path)
-                 for cfg, path in zip(subspace_configs(config, plan.sizes), ckpts)]
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
     seed = config.seed if FLAGS.seed is None else FLAGS.seed
+    main = distributed.is_main_process()
+    path = Path(FLAGS.eval_folder) / f"{FLAGS.save_name}.npy"
+    settings = {
+        "command": "subspace_sample", "config": sample_settings.config_digest(config),
+        "plan": {"full_size": plan.full_size, "sizes": list(plan.sizes),
+                 "cutoffs": list(plan.cutoffs), "rmsds": list(plan.rmsds)},
+        "ckpt_full": sample_settings.checkpoint_entries([FLAGS.ckpt_full])[0],
+        "ckpt_subspace": sample_settings.checkpoint_entries(ckpts),
+        "sampler": {"eps": eps, "langevin_snr": FLAGS.langevin_snr,
+                    "langevin_steps": FLAGS.langevin_steps,
+                    "conditional_langevin": FLAGS.conditional_langevin,
+                    "legacy_langevin": FLAGS.legacy_langevin, "legacy": FLAGS.legacy},
+        "seed": seed, "batch": FLAGS.batch}
+    problem = distributed.broadcast_from_main(
+        sample_settings.settings_problem(path, settings, path.is_file()) if main else None)
+    if problem:
+        raise sample_settings.SettingsMismatchError(problem)
+    networks = [load_model_weights(mutils.create_model(config), FLAGS.ckpt_full)]
+    networks += [load_model_weights(mutils.create_model(cfg), p)
+                 for cfg, p in zip(subspace_configs(config, plan.sizes), ckpts)]
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
 
     size, channels = config.data.image_size, config.data.num_channels
-    path = Path(FLAGS.eval_folder) / f"{FLAGS.save_name}.npy"
-    main = distributed.is_main_process()
+    if main:
+        # What a killed run left while writing this name's files (never anything else).
+        from run_lib import remove_stale_temporaries
+
+        for name in (path.name, sample_settings.settings_path(path).name):
+            for stale in remove_stale_temporaries(path.parent, glob.escape(name)):
+                logging.info("Removed %s, left by an interrupted write.", stale)
+        if not path.is_file():
+            sample_settings.record_settings(path, settings)
     done = (_existing_samples(path, FLAGS.batch, FLAGS.number_samples, (size, size, channels))
             if main else None)
     num_rounds = (FLAGS.number_samples - 1) // FLAGS.batch + 1
@@ -162,9 +207,11 @@ def run(config) -> None:
         print(f"Network evaluations and time per stage, {num_rounds - first} round(s)"
               + (f" over {world} processes (seconds summed):" if world > 1 else ":"))
         print(format_stage_reports(totals))
-    metrics = evaluation.evaluate_samples(done, config)
+    samples = done[:FLAGS.number_samples]
+    metrics = evaluation.evaluate_samples(samples, config)
     if metrics:
-        print(" ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
+        print(f"metrics over {len(samples)} samples: "
+              + " ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
 
 
 def _run_in_session(config) -> None:
@@ -181,4 +228,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main)

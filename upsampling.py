@@ -1,4 +1,4 @@
-"""Upsampling: the reverse of a projection at a cutoff time (DESIGN.md section 3).
+"""Upsampling: the reverse of a projection at a cutoff time (docs/maths.md section 4).
 
 At the cutoff t_c between plan levels j-1 and j, a state y_j of the level-j network is lifted to
 the coordinates of level j-1 by undoing the data-scaler offset and embedding,
@@ -22,7 +22,7 @@ def _as_batch_time(t, x: torch.Tensor) -> torch.Tensor:
 def upsample_level(y: torch.Tensor, sde: sde_lib.SDE, t, plan: sl.SubspacePlan, level: int,
                    centered: bool, generator: torch.Generator | None = None,
                    offset: float | None = None) -> torch.Tensor:
-    """Lift a state of plan level `level` (>= 1) at time t to level `level - 1` (DESIGN.md 3).
+    """Lift a state of plan level `level` (>= 1) at time t to level `level - 1` (docs/maths.md 4).
 
     Returns x = U^Delta (y - c_Delta alpha) + sqrt(v) (z - P_Delta z), z ~ N(0, I), where v is
     the band variance of `SubspacePlan.band_variance`; t is a float or a per-example tensor.

@@ -1,4 +1,4 @@
-"""Cutoff times from the orthogonal Fisher divergence D_F(t) of a full model (DESIGN.md section 3).
+"""Cutoff times from the orthogonal Fisher divergence D_F(t) of a full model (docs/maths.md 6).
 
 The rule of the reference notebooks: average the per-sample `err_norm` (D_F) at each time, take
 its logarithm, interpolate it piecewise-linearly onto a grid of 1001 equally spaced times in

@@ -1,4 +1,4 @@
-"""Orthogonal Fisher divergence of a full score model for each subspace (DESIGN.md section 3).
+"""Orthogonal Fisher divergence of a full score model for each subspace (docs/maths.md section 6).
 
 For data x_0 in [0,1]^d with scaler x' = a x_0 + b, the perturbed state is
 x_t = alpha(t) x' + sigma(t) eps. If the component of the data orthogonal to the k-halvings
@@ -201,18 +201,26 @@ def _cli() -> None:
 
     from absl import flags
 
+    import cli
     import datasets
     from analysis import cutoffs
-    from analysis.cli import UsageError, check_full_size, parse_sizes
+    from analysis.cli import UsageError, check_full_size
     from models import utils as mutils
     from utils import atomic_write_text, load_model_weights
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
     check_full_size(config)
-    sizes = parse_sizes(FLAGS.subspace, "--subspace")
-    if FLAGS.num_images <= 0:
-        raise UsageError(f"--num_images must be positive; got {FLAGS.num_images}.")
+    if not FLAGS.checkpoint or not FLAGS.subspace:
+        raise UsageError("Give --checkpoint (the full model) and --subspace (e.g. 16,8).")
+    sizes = list(cli.parse_sizes(FLAGS.subspace, "--subspace", int(config.data.image_size)))
+    cli.check_range(FLAGS.num_images, "--num_images", low=1)
+    cli.check_range(FLAGS.num_times, "--num_times", low=1)
+    cli.check_range(FLAGS.t_min, "--t_min", low=0, high=1, high_open=True)
+    cli.check_range(FLAGS.seed, "--seed", low=0)
+    cli.check_writable(FLAGS.out, "--out", is_dir=False)
+    if FLAGS.plot:
+        cli.check_writable(FLAGS.plot, "--plot", is_dir=False)
     thresholds = cutoffs.parse_thresholds(FLAGS.thresholds) if FLAGS.thresholds else None
     times = default_times(FLAGS.num_times, FLAGS.t_min, 1.0)
     overrides = parse_rmsd_overrides(FLAGS.rmsd) if FLAGS.rmsd else {}
@@ -220,6 +228,7 @@ def _cli() -> None:
     full_size = int(config.data.image_size)
     rmsd = {s: overrides[s] if s in overrides else
             subspace_lib.dataset_rmsd(name, full_size, s, FLAGS.stats_file) for s in sizes}
+    cli.check_checkpoint_files([FLAGS.checkpoint], "--checkpoint")
 
     sde, _ = sde_lib.get_sde(config)
     model = mutils.create_model(config)
@@ -256,9 +265,8 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
+    import cli
     from analysis.cli import run
 
     _define_flags()
-    app.run(lambda argv: run(_cli))
+    cli.start(lambda argv: run(_cli))

@@ -7,7 +7,7 @@ subspace has n = C s^2), the per-orthogonal-dimension RMSD is
 
 where proj is one of
   * `downsample`: the orthogonal projector P_k = U^k D^k onto images constant on 2^k blocks
-    (subspace_lib); r is the statistic upsampling and the implicit score use (DESIGN.md, r_k);
+    (subspace_lib); r is the statistic upsampling and the implicit score use (docs/maths.md 3);
   * `pca`: the affine PCA subspace with n components, fit on the first `pca_fit_images` images;
   * `patch_pca`: non-overlapping 2^k x 2^k patches, each reconstructed from a C-component PCA
     basis shared by all patch positions (fit on the first `patch_pca_fit_images` images), so the
@@ -16,9 +16,13 @@ The distance to the mean, sqrt(E ||x - E x||^2 / d), is reported as `mean_distan
 Everything is streamed over batches and accumulated in float64.
 
 Command line (needs datasets.py and a config):
-    python -m analysis.rmsd --config configs/builtin/ve_ncsnpp.py [--split train]
+    python -m analysis.rmsd --config configs/builtin/ve_ncsnpp_small.py [--split train]
         [--max_images N] [--methods downsample,pca,patch_pca] [--sizes 16,8,4]
-        [--out table.json] [--stats_file assets/subspace_rmsd.json]
+        [--out table.json] [--update_stats [--stats_file assets/subspace_rmsd.json]]
+
+The table is printed, and saved only where --out says. The statistics file that sampling reads
+changes only with --update_stats, and then the dataset's entry at this image size is replaced
+as a whole, so it never mixes two measurements.
 """
 from __future__ import annotations
 
@@ -377,11 +381,12 @@ def _define_flags() -> None:
                          "Images the global PCA is fit on (0: all).")
     flags.DEFINE_integer("patch_pca_fit_images", DEFAULT_PATCH_PCA_FIT_IMAGES,
                          "Images the patch PCA is fit on (0: all).")
-    flags.DEFINE_string("out", None, "JSON table to write (default: rmsd_<dataset>_<size>.json).")
+    flags.DEFINE_string("out", None, "JSON file for the table (default: printed only).")
     flags.DEFINE_string("stats_file", str(subspace_lib.DEFAULT_RMSD_PATH),
-                        "Statistics file that upsampling reads; the downsampling RMSDs are "
-                        "written into it.")
-    flags.DEFINE_bool("update_stats", True, "Write the downsampling RMSDs into --stats_file.")
+                        "Statistics file that upsampling reads; with --update_stats the "
+                        "downsampling RMSDs replace the dataset's entry at this size in it.")
+    flags.DEFINE_bool("update_stats", False, "Write the downsampling RMSDs into --stats_file "
+                      "(a tracked file by default: only when asked).")
     flags.DEFINE_bool("progress", True, "Show progress bars.")
     flags.mark_flag_as_required("config")
 
@@ -392,6 +397,7 @@ def _cli() -> None:
 
     from absl import flags
 
+    import cli
     import datasets
     from analysis.cli import UsageError, check_full_size, parse_sizes
     from models.utils import config_device
@@ -405,8 +411,16 @@ def _cli() -> None:
     if unknown or not methods:
         raise UsageError(f"--methods '{FLAGS.methods}' must list some of {', '.join(METHODS)}.")
     sizes = parse_sizes(FLAGS.sizes, "--sizes") if FLAGS.sizes else None
-    if FLAGS.max_images is not None and FLAGS.max_images <= 0:
-        raise UsageError(f"--max_images must be positive; got {FLAGS.max_images}.")
+    cli.check_range(FLAGS.max_images, "--max_images", low=1)
+    cli.check_range(FLAGS.pca_fit_images, "--pca_fit_images", low=0)
+    cli.check_range(FLAGS.patch_pca_fit_images, "--patch_pca_fit_images", low=0)
+    if FLAGS.out:
+        cli.check_writable(FLAGS.out, "--out", is_dir=False)
+    if FLAGS.update_stats:
+        if "downsample" not in methods:
+            raise UsageError("--update_stats writes the downsampling RMSDs: include downsample "
+                             "in --methods.")
+        cli.check_writable(FLAGS.stats_file, "--stats_file", is_dir=False)
     name = subspace_lib.dataset_stats_name(config)
     train_ds, eval_ds, _ = datasets.get_dataset(config, uniform_dequantization=False,
                                                 evaluation=True)
@@ -417,19 +431,18 @@ def _cli() -> None:
                        device=config_device(config), progress=FLAGS.progress)
     table = {"dataset": name, "split": FLAGS.split, **table}
     print(format_rmsd_table(table))
-    out = Path(FLAGS.out or f"rmsd_{name}_{table['image_size']}.json")
-    atomic_write_text(out, json.dumps(table, indent=2) + "\n")
-    print(f"saved {out}")
-    if FLAGS.update_stats and "downsample" in table["rmsd"]:
+    if FLAGS.out:
+        atomic_write_text(Path(FLAGS.out), json.dumps(table, indent=2) + "\n")
+        print(f"saved {FLAGS.out}")
+    if FLAGS.update_stats:
         values = {int(s): r for s, r in table["rmsd"]["downsample"].items()}
         path = subspace_lib.write_rmsd(name, table["image_size"], values, FLAGS.stats_file)
         print(f"updated '{name}' at {table['image_size']}x{table['image_size']} in {path}")
 
 
 if __name__ == "__main__":
-    from absl import app
-
+    import cli
     from analysis.cli import run
 
     _define_flags()
-    app.run(lambda argv: run(_cli))
+    cli.start(lambda argv: run(_cli))

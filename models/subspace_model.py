@@ -1,4 +1,4 @@
-"""The implicit full-space score of subspace diffusion (DESIGN.md section 3).
+"""The implicit full-space score of subspace diffusion (docs/maths.md section 5).
 
 A `SubspaceScore` holds the full network and one network per level of a `SubspacePlan`. At time t
 above a level's cutoff the data's components in the bands between the full space and that level
@@ -248,7 +248,7 @@ def load_subspace_model(config, ckpt_full, ckpt_subspace, sizes, cutoffs,
     from models.checkpoints import load_model_weights
     from models.utils import create_model
 
-    sizes = sl.parse_int_list(sizes, "subspace")
+    sizes = sl.number_tuple(sizes, int, "subspace sizes")
     paths = (ckpt_subspace.split(",") if isinstance(ckpt_subspace, str)
              else [str(p) for p in ckpt_subspace])
     if len(paths) != len(sizes):

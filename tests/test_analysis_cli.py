@@ -34,10 +34,13 @@ def test_rmsd_cli_writes_table_and_statistics(tmp_path):
     from analysis.rmsd import rmsd_table
 
     out, stats = tmp_path / "table.json", tmp_path / "stats.json"
+    # An older measurement with another size: replaced as a whole, never mixed with the new one.
+    stats.write_text(json.dumps({"builtin": {"32": {"4": 0.5}}, "other": {"32": {"16": 0.1}}}))
     proc = _run("analysis.rmsd", "--config", VE_CONFIG, "--max_images", "40", "--sizes", "16,8",
                 "--methods", "downsample,patch_pca", "--out", str(out), "--stats_file",
-                str(stats))
+                str(stats), "--update_stats")
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(stats.read_text())["other"] == {"32": {"16": 0.1}}
     table = json.loads(out.read_text())
     assert table["dataset"] == "builtin" and table["num_images"] == 40
     assert set(table["rmsd"]) == {"downsample", "patch_pca"}

@@ -21,7 +21,7 @@ def test_reference_cutoff_tables_match_exactly(reference_dir):
         table = cutoffs.cutoff_table(data, expected["thresholds"])
         # Exact float equality, including artefacts such as 0.41600000000000004.
         assert table == by_dim, name
-    # The published table of SCIENCE.md, rounded to the grid.
+    # The paper's published cutoff table, rounded to the grid.
     assert expected["cutoffs"]["cifar10_ncsnpp_continuous.json"]["16"]["0.003"] == 0.516
     assert expected["cutoffs"]["cifar10_ddpmpp_continuous.json"]["8"]["0.003"] == 0.446
 

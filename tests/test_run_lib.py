@@ -85,13 +85,27 @@ def test_killed_training_resumes_from_preemption_checkpoint(tmp_path):
         process.wait()
     saved_step = torch.load(meta, weights_only=True)["step"]
     assert saved_step % 3 == 1  # saved after step 3k, the counter already at 3k + 1
+    # What a kill inside a write leaves (whether or not this kill hit one), and files of other
+    # names that the cleanup must not touch.
+    stale = meta.parent / ".checkpoint.pth.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    foreign = [meta.parent / "notes.tmp", meta.parent / ".other.pth.x.tmp"]
+    for path in foreign:
+        path.write_text("not ours")
     result = _main(tmp_path, "--config.training.n_iters", str(saved_step + 2),
                    "--config.training.snapshot_sampling=false",
                    "--config.training.snapshot_freq", "1000",
                    "--config.training.snapshot_freq_for_preemption", "1000")
     assert f"Resuming training from step {saved_step}" in result.stderr
-    final = torch.load(tmp_path / "checkpoints" / "checkpoint_0.pth", weights_only=True)
+    final = torch.load(tmp_path / "checkpoints" / "checkpoint_1.pth", weights_only=True)
     assert final["step"] == saved_step + 3  # steps saved_step .. saved_step + 2 were run
+    assert not list(tmp_path.rglob(".checkpoint*.tmp")), "stale temporaries must be removed"
+    assert all(path.read_text() == "not ours" for path in foreign)
+    # Started again, the finished run says it is complete and which checkpoints exist.
+    again = _main(tmp_path, "--config.training.n_iters", str(saved_step + 2),
+                  "--config.training.snapshot_sampling=false",
+                  "--config.training.snapshot_freq", "1000")
+    assert "is complete" in again.stderr and "checkpoint_1.pth" in again.stderr
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
@@ -130,14 +144,14 @@ def test_evaluate_loss_and_resumable_sampling(tmp_path):
     config.training.snapshot_sampling = False
     run_lib.train(config, tmp_path, progress=False)
     config = _config()
-    config.eval.begin_ckpt = config.eval.end_ckpt = 0
+    config.eval.begin_ckpt = config.eval.end_ckpt = 1  # one step below snapshot_freq: the 1st
     config.eval.enable_sampling = True
     config.eval.num_samples = 6  # two rounds of 4, the second one cut to 2
     reports = run_lib.evaluate(config, tmp_path, "eval", progress=False)
-    report = json.loads((tmp_path / "eval" / "report_0.json").read_text())
-    assert report == reports[0]
+    report = json.loads((tmp_path / "eval" / "report_1.json").read_text())
+    assert report == reports[1]
     assert np.isfinite(report["eval_loss"]) and report["step"] == 2
-    rounds = sorted((tmp_path / "eval" / "ckpt_0").glob("samples_*.npz"))
+    rounds = sorted((tmp_path / "eval" / "ckpt_1").glob("samples_*.npz"))
     assert [p.name for p in rounds] == ["samples_0.npz", "samples_1.npz"]
     first = np.load(rounds[1])["samples"]
     # A second evaluation reuses the rounds on disk instead of drawing new samples.
@@ -148,6 +162,20 @@ def test_evaluate_loss_and_resumable_sampling(tmp_path):
     rounds[1].unlink()
     run_lib.evaluate(config, tmp_path, "eval", progress=False)
     np.testing.assert_array_equal(np.load(rounds[1])["samples"], first)
+    # The settings are recorded beside the rounds; a larger count extends them ...
+    settings = json.loads((tmp_path / "eval" / "ckpt_1.settings.json").read_text())
+    assert settings["batch"] == 4 and len(settings["checkpoint"]["sha256"]) == 64
+    config.eval.num_samples = 10
+    assert run_lib.evaluate(config, tmp_path, "eval", progress=False)[1]["num_samples"] == 10
+    assert (rounds[0].parent / "samples_2.npz").is_file()
+    np.testing.assert_array_equal(np.load(rounds[1])["samples"], first)
+    # ... and other settings are refused before any round is drawn.
+    import sample_settings
+
+    config.sampling.snr = 0.2
+    with pytest.raises(sample_settings.SettingsMismatchError, match="other settings.*config was"):
+        run_lib.evaluate(config, tmp_path, "eval", progress=False)
+    assert not (rounds[0].parent / "samples_3.npz").exists()
 
 
 def test_compute_bpd_on_trained_checkpoint(tmp_path):
@@ -163,7 +191,7 @@ def test_compute_bpd_on_trained_checkpoint(tmp_path):
     config.training.snapshot_sampling = False
     run_lib.train(config, tmp_path, progress=False)
     model = utils.load_model_weights(mutils.create_model(config),
-                                     tmp_path / "checkpoints" / "checkpoint_0.pth")
+                                     tmp_path / "checkpoints" / "checkpoint_1.pth")
     sde, _ = sde_lib.get_sde(config)
     likelihood_fn = likelihood.get_likelihood_fn(sde, datasets.get_data_inverse_scaler(config))
     bpds, nfe = run_lib.compute_bpd(likelihood_fn, model, config,

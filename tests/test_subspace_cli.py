@@ -2,6 +2,7 @@
 of the built-in config."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,8 +67,16 @@ def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
     assert sum(int(rows[s][-4]) for s in rows) == 6
     assert int(rows[32][-3]) == 2 * int(rows[32][-4]) + 2
 
-    # Resume: ask for 4 samples; the 2 saved ones are kept and 2 more are drawn, exactly as an
-    # uninterrupted run draws them (each round is seeded by seed + round).
+    # Resume: ask for 3, then 4 samples; the 2 saved ones are kept and more are drawn, exactly
+    # as an uninterrupted run draws them (each round is seeded by seed + round): the round cut to
+    # 1 sample for 3 is drawn again in full for 4.
+    (tmp_path / ".run.npy.k1ll3d.tmp").write_bytes(b"left by a killed run")
+    (tmp_path / ".other.npy.x.tmp").write_bytes(b"not this run's")
+    resumed = run_cli(*common, "--save_name", "run", "--number_samples", "3")
+    assert [p.name for p in tmp_path.glob(".*.tmp")] == [".other.npy.x.tmp"]
+    (tmp_path / ".other.npy.x.tmp").unlink()
+    assert resumed.returncode == 0, resumed.stderr
+    assert np.load(tmp_path / "run.npy").shape[0] == 3
     resumed = run_cli(*common, "--save_name", "run", "--number_samples", "4")
     assert resumed.returncode == 0, resumed.stderr
     fresh = run_cli(*common, "--save_name", "fresh", "--number_samples", "4")
@@ -77,6 +86,17 @@ def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
     np.testing.assert_array_equal(after[:2], saved)
     np.testing.assert_array_equal(after, np.load(tmp_path / "fresh.npy"))
     assert not list(tmp_path.glob(".*.tmp"))
+    settings = json.loads((tmp_path / "run.settings.json").read_text())
+    assert settings["plan"]["cutoffs"] == [0.5, 0.6] and settings["batch"] == 2
+    assert len(settings["ckpt_full"]["sha256"]) == 64
+    # Another plan into the same name is refused before any sampling; the file is unchanged.
+    changed = [a if a != "0.5,0.6" else "0.4,0.6" for a in common]
+    refused = run_cli(*changed, "--save_name", "run", "--number_samples", "6")
+    assert refused.returncode == 1
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "other settings" in lines[0]
+    assert "plan was" in lines[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "run.npy"), after)
 
 
 def test_bad_input_is_one_sentence(checkpoints, tmp_path):

@@ -1,7 +1,7 @@
 """Closed form: Gaussian data whose subspace part is N(m, s^2) and whose bands are isotropic.
 
 For such data the implicit score built from the EXACT subspace scores equals the EXACT full score
-(DESIGN.md section 3), for any SDE, data scaler and number of nested levels. The oracle uses dense
+(docs/maths.md 5), for any SDE, data scaler and number of nested levels. The oracle uses dense
 matrices built from the definition of D^k, independent of `subspace_lib`.
 """
 from __future__ import annotations

@@ -1,0 +1,97 @@
+"""Run entry-script invocations as a user would, cheaply: one process imports torch and the
+libraries once, then forks one child per invocation, which runs the script as `__main__` with its
+own argv (so every child gets fresh absl flags) and reports its exit status and stderr.
+
+    python tests/entry_cases.py < cases.json > results.json
+
+A case is {"target": "main.py" | "analysis.rmsd" | ..., "args": [...]}; a result is
+{"status": int, "stderr": str}. Used by tests/test_entry_errors.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 300.0
+
+
+def _warm_imports() -> None:
+    # What the scripts import lazily; the children inherit it instead of importing it again.
+    import torch  # noqa: F401
+
+    import controllable_generation  # noqa: F401
+    import datasets  # noqa: F401
+    import evaluation  # noqa: F401
+    import likelihood  # noqa: F401
+    import run_lib  # noqa: F401
+    import subspace_sampling  # noqa: F401
+    from analysis import batches, cutoffs  # noqa: F401
+    from models import subspace_model  # noqa: F401
+
+
+def _child(case: dict, err_path: str) -> None:
+    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    code = 0
+    try:
+        target, args = case["target"], case["args"]
+        if target.endswith(".py"):
+            sys.argv = [target, *args]
+            runpy.run_path(str(ROOT / target), run_name="__main__")
+        else:
+            sys.argv = [target, *args]
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a traceback is exactly what the test looks for
+        import traceback
+
+        traceback.print_exc()
+        code = 70
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_cases(cases: list[dict]) -> list[dict]:
+    """Run each case in a forked child; return its exit status and stderr."""
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index, case in enumerate(cases):
+            err_path = os.path.join(folder, f"{index}.err")
+            pid = os.fork()
+            if pid == 0:
+                _child(case, err_path)
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    status = 124 << 8
+                    break
+                time.sleep(0.02)
+            stderr = Path(err_path).read_text() if os.path.exists(err_path) else ""
+            results.append({"status": os.waitstatus_to_exitcode(status), "stderr": stderr})
+    return results
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    os.environ.pop("SUBSPACE_DEBUG", None)
+    import torch
+
+    torch.set_num_threads(1)
+    _warm_imports()
+    json.dump(run_cases(json.load(sys.stdin)), sys.stdout)
