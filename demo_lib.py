@@ -79,7 +79,7 @@ class DemoSettings:
     num_samples: int = 512
     sample_batch: int = 128
     # Step counts of the quality-against-cost curve (empty: no curve); num_steps is reused.
-    curve_steps: tuple[int, ...] = (25, 50, 100, 200)
+    curve_steps: tuple[int, ...] = (25, 50, 100)
     bootstrap_resamples: int = 200
     grid_samples: int = 64
     divergence: bool = True
