@@ -208,20 +208,6 @@ def number_tuple(values, convert, what: str) -> tuple:
     return out
 
 
-def parse_int_list(text: str | int | list | tuple, name: str) -> tuple[int, ...]:
-    """Deprecated: `cli.parse_int_list(text, "--" + name)`, where flag parsing now lives."""
-    from cli import parse_int_list as parse
-
-    return parse(text, f"--{name}")
-
-
-def parse_float_list(text: str | float | list | tuple, name: str) -> tuple[float, ...]:
-    """Deprecated: `cli.parse_float_list(text, "--" + name)`, where flag parsing now lives."""
-    from cli import parse_float_list as parse
-
-    return parse(text, f"--{name}")
-
-
 @dataclass(frozen=True)
 class SubspacePlan:
     """A chain of nested downsampling subspaces with their cutoff times.

@@ -236,20 +236,24 @@ def _cli() -> None:
 
     from absl import flags
 
+    import cli
     import datasets
     from analysis.batches import as_image_batch
     from analysis.cli import UsageError
+    from cli import parse_float_list
     from models import utils as mutils
-    from subspace_lib import parse_float_list
     from utils import atomic_write_text, load_model_weights
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    times = parse_float_list(FLAGS.times, "times")
+    times = parse_float_list(FLAGS.times, "--times")
     if any(not 0.0 < t <= 1.0 for t in times):
         raise UsageError(f"--times must lie in (0, 1]; got {FLAGS.times}.")
     if FLAGS.num_images <= 0:
         raise UsageError(f"--num_images must be positive; got {FLAGS.num_images}.")
+    cli.check_checkpoint_files([FLAGS.checkpoint], "--checkpoint")
+    if FLAGS.out:
+        cli.check_writable(FLAGS.out, "--out", is_dir=False)
     sde, _ = sde_lib.get_sde(config)
     model = load_model_weights(mutils.create_model(config), FLAGS.checkpoint,
                                use_ema=FLAGS.use_ema)
@@ -269,9 +273,8 @@ def _cli() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
+    import cli
     from analysis.cli import run
 
     _define_flags()
-    app.run(lambda argv: run(_cli))
+    cli.start(lambda argv: run(_cli))

@@ -123,6 +123,11 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("analysis.divergence", [*divergence, "--subspace", "12"], "--subspace 12"),
         ("analysis.divergence", [*divergence, "--checkpoint", str(text)], NOT_CKPT),
         ("analysis.divergence", [*divergence, "--out", "/proc/x/d.json"], "--out"),
+        ("analysis.bands", ["--config", CONFIG, "--checkpoint", CKPT[32], "--times", "0"],
+         "--times"),
+        ("analysis.bands", ["--config", CONFIG, "--checkpoint", str(text)], NOT_CKPT),
+        ("analysis.bands", ["--config", CONFIG, "--checkpoint", CKPT[32], "--out",
+                            "/proc/x/b.json"], "--out"),
         # compute_dataset_stats.py
         ("compute_dataset_stats.py", [*stats, "--max_images", "1"], "--max_images"),
         ("compute_dataset_stats.py", [*stats, "--out", "/proc/x/s.npz"], "--out"),

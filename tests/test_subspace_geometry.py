@@ -162,11 +162,13 @@ def test_missing_statistics_name_the_command(tmp_path):
 
 
 def test_flag_parsing():
-    assert sl.parse_int_list("16, 8", "subspace") == (16, 8)
-    assert sl.parse_int_list(16, "subspace") == (16,)
-    assert sl.parse_float_list("0.5,0.6", "time") == (0.5, 0.6)
-    assert sl.parse_float_list(0.5, "time") == (0.5,)
+    import cli
+
+    assert cli.parse_int_list("16, 8", "--subspace") == (16, 8)
+    assert cli.parse_int_list(16, "--subspace") == (16,)
+    assert cli.parse_float_list("0.5,0.6", "--time") == (0.5, 0.6)
+    assert cli.parse_float_list(0.5, "--time") == (0.5,)
     with pytest.raises(ValueError, match="--subspace must be"):
-        sl.parse_int_list("16,x", "subspace")
+        cli.parse_int_list("16,x", "--subspace")
     with pytest.raises(ValueError, match="--time is empty"):
-        sl.parse_float_list("", "time")
+        cli.parse_float_list("", "--time")
