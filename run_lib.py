@@ -81,10 +81,10 @@ def create_train_state(config, device: torch.device) -> dict:
 
 
 def set_dc_statistics(network: torch.nn.Module, config, device: torch.device) -> None:
-    """Give a network with `config.model.gaussian_dc_skip` the mean and covariance of its
+    """Give a network with `config.model.gaussian_dc` the mean and covariance of its
     training data's DC coordinates (one pass over the training split, scaled as in training,
     no dequantization noise); a network without that option is left alone."""
-    if not getattr(network, "gaussian_dc_skip", False):
+    if not getattr(network, "gaussian_dc", False):
         return
     train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
     scaler = datasets.get_data_scaler(config)
@@ -93,7 +93,7 @@ def set_dc_statistics(network: torch.nn.Module, config, device: torch.device) ->
     dc = torch.cat([subspace_lib.downsample(scaler(batch["image"].to(device)), k).flatten(1)
                     for batch in train_ds]).to(torch.float64)
     if dc.shape[0] < 2:
-        raise ValueError("The Gaussian DC skip needs at least 2 training images.")
+        raise ValueError("The Gaussian DC model needs at least 2 training images.")
     network.set_dc_statistics(dc.mean(0), torch.cov(dc.T).reshape(dc.shape[1], dc.shape[1]))
 
 

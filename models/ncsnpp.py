@@ -40,15 +40,15 @@ class NCSNpp(nn.Module):
     time label (e.g. 999 t) for positional ones. With `scale_by_sigma` the output is divided by
     sigma (eq. 6 of the NCSN++ appendix: the network models sigma * score).
 
-    `config.model.gaussian_dc_skip` (continuous VP / sub-VP only; off in every original config)
-    adds to the predicted noise the best prediction of the noise in the image's per-channel mean
-    (DC) under a Gaussian model of the data's DC coordinates, sde_lib.gaussian_noise_prediction
-    with the buffers `dc_mean` [C] and `dc_cov` [C, C] (set from the training data by
-    `set_dc_statistics`): a skip connection whose gain follows the noise level, as EDM's c_skip,
-    restricted to the 3 coordinates where the data's variance is largest. The network then learns
-    the residual. Without it a small network learns a DC gain that barely changes with t, while
-    the right gain runs from about 0 (data-dominated colour) to 1 (noise-dominated), and its
-    samples' colours blow up (`python -m analysis.bands` measures this).
+    `config.model.gaussian_dc` (continuous VP / sub-VP only; off in every original config) models
+    the noise in the image's per-channel mean (the DC band, one coordinate per channel)
+    analytically: the network's output loses its DC, which is replaced by the best prediction of
+    the DC noise under a Gaussian model of the data's DC coordinates,
+    sde_lib.gaussian_noise_prediction with the buffers `dc_mean` [C] and `dc_cov` [C, C] (set from
+    the training data by `run_lib.set_dc_statistics`). Its gain follows the noise level, from
+    about 0 where the data's colour dominates x_t to 1 at pure noise; a small network conditioned
+    additively on time learns a gain that barely changes with t instead, and its samples' colours
+    blow up (`python -m analysis.bands` measures this; README, "Demo").
     """
 
     def __init__(self, config):
@@ -57,11 +57,11 @@ class NCSNpp(nn.Module):
         model = config.model
         self.act = act = get_act(config)
         self.register_buffer("sigmas", get_sigmas(config))
-        self.gaussian_dc_skip = bool(model.get("gaussian_dc_skip", False))
-        if self.gaussian_dc_skip:
+        self.gaussian_dc = bool(model.get("gaussian_dc", False))
+        if self.gaussian_dc:
             if (str(config.training.sde).lower() not in ("vpsde", "subvpsde")
                     or not config.training.continuous):
-                raise ValueError("config.model.gaussian_dc_skip needs a continuous VP or sub-VP "
+                raise ValueError("config.model.gaussian_dc needs a continuous VP or sub-VP "
                                  "SDE (a network that predicts the noise); turn it off.")
             self._sde = sde_lib.get_sde(config)[0]
             channels = config.data.num_channels
@@ -219,21 +219,21 @@ class NCSNpp(nn.Module):
 
     def set_dc_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
         """Set the mean [C] and covariance [C, C] of the training data's orthonormal DC
-        coordinates (scaled data, `subspace_lib.downsample` to 1x1) for `gaussian_dc_skip`."""
-        if not self.gaussian_dc_skip:
-            raise ValueError("This network has no Gaussian DC skip (config.model."
-                             "gaussian_dc_skip is off).")
+        coordinates (scaled data, `subspace_lib.downsample` to 1x1) for `gaussian_dc`."""
+        if not self.gaussian_dc:
+            raise ValueError("This network has no Gaussian DC model (config.model."
+                             "gaussian_dc is off).")
         self.dc_mean.copy_(torch.as_tensor(mean, dtype=torch.float64).reshape(-1))
         self.dc_cov.copy_(torch.as_tensor(cov, dtype=torch.float64).reshape(self.dc_cov.shape))
 
     def has_dc_statistics(self) -> bool:
-        """Whether the DC statistics of `gaussian_dc_skip` are set (always True without it)."""
-        return not self.gaussian_dc_skip or bool(torch.any(self.dc_cov != 0))
+        """Whether the DC statistics of `gaussian_dc` are set (always True without it)."""
+        return not self.gaussian_dc or bool(torch.any(self.dc_cov != 0))
 
-    def _dc_skip(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
+    def _gaussian_dc(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
         """The Gaussian DC noise prediction lifted to the image (constant per channel)."""
         if not self.has_dc_statistics():
-            raise RuntimeError("The Gaussian DC skip has no data statistics: train the network "
+            raise RuntimeError("The Gaussian DC model has no data statistics: train the network "
                                "with run_lib.train (it sets them) or call set_dc_statistics.")
         k = subspace_lib.num_halvings(x.shape[-1], 1)
         dc = subspace_lib.downsample(x, k).flatten(1)
@@ -245,7 +245,7 @@ class NCSNpp(nn.Module):
         """The network output for images x [B, C, H, W] at noise levels / labels time_cond [B]."""
         if time_cond.dim() == 0:
             time_cond = time_cond.expand(x.shape[0])
-        skip = self._dc_skip(x, time_cond) if self.gaussian_dc_skip else None
+        dc_noise = self._gaussian_dc(x, time_cond) if self.gaussian_dc else None
         modules = iter(self.all_modules)
 
         if self.embedding_type == "fourier":
@@ -325,6 +325,7 @@ class NCSNpp(nn.Module):
         if self.scale_by_sigma:
             # Positional models divide by the float64 table entry; the result keeps h's dtype.
             h = (h / used_sigmas.reshape(x.shape[0], *([1] * (h.dim() - 1)))).to(h.dtype)
-        if skip is not None:
-            h = h + skip
+        if dc_noise is not None:
+            k = subspace_lib.num_halvings(h.shape[-1], 1)
+            h = h - subspace_lib.upsample(subspace_lib.downsample(h, k), k) + dc_noise
         return h

@@ -12,7 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.update(method="pc", predictor="euler_maruyama", corrector="none")
     config.data.update(centered=True)
     # Off in the originals; see models/ncsnpp.py and the README (demo diagnosis).
-    config.model.gaussian_dc_skip = True
+    config.model.gaussian_dc = True
     config.model.update(
         name="ncsnpp",
         scale_by_sigma=False,

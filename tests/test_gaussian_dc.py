@@ -1,4 +1,4 @@
-"""The Gaussian DC skip of the built-in DDPM++ (config.model.gaussian_dc_skip)."""
+"""The Gaussian DC model of the built-in DDPM++ (config.model.gaussian_dc)."""
 import pytest
 import torch
 
@@ -11,27 +11,31 @@ from configs.builtin import subvp_ddpmpp_small, ve_ncsnpp_small
 from models import utils as mutils
 
 
-def _config(size: int = 8, skip: bool = True):
+def _config(size: int = 8, on: bool = True):
     config = subvp_ddpmpp_small.get_config()
     config.data.image_size = size
-    config.model.gaussian_dc_skip = skip
+    config.model.gaussian_dc = on
     config.device = torch.device("cpu")
     return config
 
 
 def test_builtin_subvp_config_turns_it_on_and_the_originals_do_not_have_it():
-    assert subvp_ddpmpp_small.get_config().model.gaussian_dc_skip is True
+    assert subvp_ddpmpp_small.get_config().model.gaussian_dc is True
     from configs.subvp import cifar10_ddpmpp_continuous
 
-    assert "gaussian_dc_skip" not in cifar10_ddpmpp_continuous.get_config().model
+    assert "gaussian_dc" not in cifar10_ddpmpp_continuous.get_config().model
 
 
-def test_untrained_network_outputs_the_gaussian_noise_prediction_of_the_dc():
-    """The output layers start at zero (init_scale 0), so the output is the skip alone:
-    sigma (alpha^2 Sigma + sigma^2 I)^{-1} (x_DC - alpha mu), constant per channel / 8."""
+def test_the_dc_of_the_output_is_the_gaussian_noise_prediction():
+    """Whatever the weights, the output's per-channel mean is
+    sigma (alpha^2 Sigma + sigma^2 I)^{-1} (x_DC - alpha mu) / 8 (DC coordinates lifted to
+    pixels); the rest of the output is the network's own."""
     torch.manual_seed(0)
     config = _config(8)
     net = mutils.create_model(config).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # an output of its own, DC included
     mean = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     a = torch.randn(3, 3, dtype=torch.float64)
     cov = a @ a.T + 3 * torch.eye(3, dtype=torch.float64)
@@ -41,6 +45,10 @@ def test_untrained_network_outputs_the_gaussian_noise_prediction_of_the_dc():
     t = torch.tensor([0.05, 0.3, 0.7, 1.0])
     with torch.no_grad():
         out = net(x, sde.time_to_label(t))
+        plain = mutils.create_model(_config(8, on=False))
+        plain.load_state_dict({k: v for k, v in net.state_dict().items()
+                               if not k.startswith("dc_")})
+        raw = plain.eval()(x, sde.time_to_label(t))
     dc = x.to(torch.float64).mean(dim=(2, 3)) * 8
     expected = torch.empty(4, 3, dtype=torch.float64)
     for i in range(4):
@@ -48,11 +56,14 @@ def test_untrained_network_outputs_the_gaussian_noise_prediction_of_the_dc():
         alpha, sigma = sde.alpha(ti), sde.sigma(ti)
         c = alpha**2 * cov + sigma**2 * torch.eye(3, dtype=torch.float64)
         expected[i] = sigma * torch.linalg.solve(c, dc[i] - alpha * mean)
-    torch.testing.assert_close(out.double(), (expected / 8)[:, :, None, None].expand(4, 3, 8, 8),
-                               atol=1e-4, rtol=1e-4)
-    # Same through the subspace library's lifting of DC coordinates.
+    torch.testing.assert_close(out.double().mean(dim=(2, 3)), expected / 8, atol=1e-6,
+                               rtol=1e-5)
+    assert float(raw.mean(dim=(2, 3)).abs().max()) > 1e-3  # the network did have a DC
+    centred = raw - raw.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(out - out.mean(dim=(2, 3), keepdim=True), centred, atol=1e-5,
+                               rtol=1e-5)
     lifted = subspace_lib.upsample(expected.reshape(4, 3, 1, 1), 3)
-    torch.testing.assert_close(out.double(), lifted, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.double() - centred.double(), lifted, atol=1e-5, rtol=1e-5)
 
 
 def test_statistics_are_required_and_only_for_noise_predicting_networks():
@@ -60,10 +71,10 @@ def test_statistics_are_required_and_only_for_noise_predicting_networks():
     assert not net.has_dc_statistics()
     with pytest.raises(RuntimeError, match="no data statistics"):
         net(torch.zeros(1, 3, 8, 8), torch.zeros(1))
-    assert mutils.create_model(_config(8, skip=False)).has_dc_statistics()
+    assert mutils.create_model(_config(8, on=False)).has_dc_statistics()
     ve = ve_ncsnpp_small.get_config()
     ve.data.image_size = 8
-    ve.model.gaussian_dc_skip = True
+    ve.model.gaussian_dc = True
     with pytest.raises(ValueError, match="continuous VP or sub-VP"):
         mutils.create_model(ve)
 
