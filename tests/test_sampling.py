@@ -382,6 +382,6 @@ def test_get_sampling_fn_builds_from_config():
     config.sampling.method = "ode"
     samples, nfe = sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)(net)
     assert samples.shape == (2, 1, 4, 4) and nfe > 10
-    config.sampling.method = "ddim"
-    with pytest.raises(ValueError, match="'pc' or 'ode'"):
+    config.sampling.method = "euler"
+    with pytest.raises(ValueError, match="'pc', 'ode', 'heun', 'dpm_solver' or 'ddim'"):
         sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)
