@@ -1,10 +1,11 @@
-r"""Subspace SDE sampling from the command line (Jing et al. 2022).
+r"""Subspace sampling from the command line (Jing et al. 2022).
 
     python subspace_sample.py --config configs/ve/cifar10_ncsnpp_continuous.py --dataset cifar \
         --subspace 16 --time 0.5 --langevin_snr 0.22 --ckpt_subspace SUB.pth --ckpt_full FULL.pth \
         --eval_folder samples --save_name run1
 
-Several nested levels: `--subspace 16,8 --time 0.5,0.6 --ckpt_subspace S16.pth,S8.pth`. Samples
+Several nested levels: `--subspace 16,8 --time 0.5,0.6 --ckpt_subspace S16.pth,S8.pth`. Few-step
+ODE solvers per stage: `--sampler heun --steps 18` (or dpm_solver, ddim; `ode` is RK45). Samples
 (uint8 NHWC) are saved to EVAL_FOLDER/SAVE_NAME.npy after every round, so an interrupted run
 resumes where it stopped; FID/IS/KID are computed when the dataset's statistics exist.
 """
@@ -39,6 +40,12 @@ flags.DEFINE_string("dataset", None, "Name of the RMSD statistics (cifar, celeba
                     "builtin, ...); default: the config's dataset.")
 flags.DEFINE_boolean("legacy_langevin", False, "Reproduce the reference code: the Langevin steps "
                      "after upsampling get the raw network as their score.")
+flags.DEFINE_enum("sampler", "pc", ["pc", "ode", "heun", "dpm_solver", "ddim"],
+                  "Sampler of every plan stage: PC (N = model.num_scales steps, the paper's), "
+                  "adaptive RK45 ('ode'), or a few-step ODE solver.")
+flags.DEFINE_integer("steps", None, "Solver steps over all stages, the last being the "
+                     "denoising step (heun, dpm_solver, ddim); default: config.sampling.steps, "
+                     "else the solver's default.")
 flags.DEFINE_float("eps", None, "Final sampling time; default: 1e-5 (VE) or 1e-3 (VP, sub-VP).")
 flags.DEFINE_integer("seed", None, "Random seed (round r uses seed + r); default: config.seed.")
 flags.DEFINE_boolean("progress", True, "Show progress bars.")
@@ -74,16 +81,25 @@ def run(config) -> None:
     import distributed
     import evaluation
     import sde_lib
+    import solvers
     import subspace_lib as sl
     from models import utils as mutils
     from models.subspace_model import subspace_configs
-    from subspace_sampling import StageReport, format_stage_reports, subspace_pc_sample
+    from subspace_sampling import (
+        StageReport,
+        format_stage_reports,
+        subspace_pc_sample,
+        subspace_solver_sample,
+    )
     from utils import atomic_numpy_save, load_model_weights
 
     if FLAGS.number_samples < 1 or FLAGS.batch < 1:
         raise ValueError("--number_samples and --batch must be positive.")
     if FLAGS.langevin_steps < 0:
         raise ValueError(f"--langevin_steps must be >= 0; got {FLAGS.langevin_steps}.")
+    steps = FLAGS.steps if FLAGS.steps is not None else config.sampling.get("steps")
+    if FLAGS.sampler in solvers.SOLVERS:
+        solvers.full_steps(FLAGS.sampler, steps, config.sampling.noise_removal)  # checks steps
     dataset = FLAGS.dataset or sl.dataset_stats_name(config)
     dataset = _FLAG_DATASETS.get(dataset.lower(), dataset)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, FLAGS.subspace, FLAGS.time,
@@ -117,16 +133,28 @@ def run(config) -> None:
         # give exactly --number_samples.
         torch.manual_seed(seed + r)
         batch = min(FLAGS.batch, FLAGS.number_samples - r * FLAGS.batch)
-        x, reports = subspace_pc_sample(
-            networks, sde, plan, config.data.centered, (batch, channels, size, size),
-            eps=eps, predictor=config.sampling.predictor, corrector=config.sampling.corrector,
-            snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
-            probability_flow=config.sampling.probability_flow,
-            continuous=config.training.continuous, denoise=config.sampling.noise_removal,
-            langevin_snr=FLAGS.langevin_snr, langevin_steps=FLAGS.langevin_steps,
-            conditional_langevin_steps=FLAGS.conditional_langevin,
-            legacy_langevin=FLAGS.legacy_langevin, device=device,
-            progress=FLAGS.progress and main)
+        common = dict(continuous=config.training.continuous,
+                      denoise=config.sampling.noise_removal, langevin_snr=FLAGS.langevin_snr,
+                      langevin_steps=FLAGS.langevin_steps,
+                      conditional_langevin_steps=FLAGS.conditional_langevin,
+                      legacy_langevin=FLAGS.legacy_langevin, device=device,
+                      progress=FLAGS.progress and main)
+        shape = (batch, channels, size, size)
+        if FLAGS.sampler == "pc":
+            x, reports = subspace_pc_sample(
+                networks, sde, plan, config.data.centered, shape, eps=eps,
+                predictor=config.sampling.predictor, corrector=config.sampling.corrector,
+                snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
+                probability_flow=config.sampling.probability_flow, **common)
+        else:
+            options = (solvers.solver_options(FLAGS.sampler, config.sampling)
+                       if FLAGS.sampler in solvers.SOLVERS else
+                       dict(rtol=config.sampling.get("rtol", 1e-5),
+                            atol=config.sampling.get("atol", 1e-5)))
+            x, reports = subspace_solver_sample(
+                networks, sde, plan, config.data.centered, shape, eps=eps,
+                method=FLAGS.sampler, steps=steps, schedule=config.sampling.get("schedule"),
+                **options, **common)
         return evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), reports
 
     totals: list[StageReport] | None = None

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from models import layerspp
 from models.layers import dense, get_act, get_timestep_embedding
-from models.utils import get_sigmas, register_model
+from models.utils import register_model, register_sigmas
 
 _PROGRESSIVE = ("none", "output_skip", "residual")
 _PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
@@ -44,7 +44,7 @@ class NCSNpp(nn.Module):
         self.config = config
         model = config.model
         self.act = act = get_act(config)
-        self.register_buffer("sigmas", get_sigmas(config))
+        register_sigmas(self, config)
 
         self.nf = nf = model.nf
         ch_mult = tuple(model.ch_mult)

@@ -79,3 +79,78 @@ def test_steps_are_split_by_the_share_of_the_schedule():
     assert schedule_step_counts(sde, 40, boundaries, "uniform") == [16, 12, 12]
     # A narrow window still gets a step.
     assert schedule_step_counts(sde, 10, [1.0, 0.999, 1e-3], "uniform") == [1, 10]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling steps independent of the checkpoint
+
+
+def test_continuous_checkpoints_load_with_any_num_scales(reference_dir):
+    from reference_cases import CASES, case_config
+
+    import utils
+    from models import utils as mutils
+
+    for case in CASES:
+        path = reference_dir / case / "checkpoint_full.pth"
+        outputs = []
+        for num_scales in (1000, 50):
+            config = case_config(reference_dir / case, 32)
+            config.model.num_scales = num_scales
+            model = utils.load_model_weights(mutils.create_model(config), path)
+            assert model.sigmas.shape == (num_scales,)
+            torch.testing.assert_close(model.sigmas, mutils.get_sigmas(config), rtol=1e-13,
+                                       atol=0)
+            torch.manual_seed(0)
+            x, labels = torch.rand(2, 3, 32, 32), torch.tensor([0.3, 20.0])
+            with torch.no_grad():
+                outputs.append(model(x, labels if case.startswith("case_ve") else labels * 10))
+        assert torch.equal(outputs[0], outputs[1])
+
+
+def test_discrete_time_checkpoints_still_check_num_scales(tmp_path):
+    import utils
+    from configs.builtin import ve_ncsnpp_small
+    from models import utils as mutils
+
+    config = ve_ncsnpp_small.get_config()
+    config.device = torch.device("cpu")
+    config.data.image_size = 8
+    config.training.continuous = False
+    config.model.update(embedding_type="positional", num_scales=10)
+    torch.save(mutils.create_model(config).state_dict(), tmp_path / "discrete.pth")
+    config.model.num_scales = 6
+    with pytest.raises(utils.StateDictMismatchError,
+                       match=r"the checkpoint's sigmas is \[10\], the model's is \[6\]"):
+        utils.load_model_weights(mutils.create_model(config), tmp_path / "discrete.pth")
+
+
+def test_published_checkpoint_samples_with_other_step_counts(reference_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    case = reference_dir / "case_ve_ncsnpp"  # trained with N = 1000
+    common = [sys.executable, "subspace_sample.py",
+              "--config", "configs/ve/cifar10_ncsnpp_continuous.py", "--config.model.nf", "16",
+              "--config.model.ch_mult", "(1,2,2,2)", "--config.model.num_res_blocks", "1",
+              "--ckpt_full", str(case / "checkpoint_full.pth"),
+              "--ckpt_subspace", str(case / "checkpoint_subspace.pth"), "--dataset", "cifar",
+              "--subspace", "16", "--time", "0.5", "--number_samples", "2", "--batch", "2",
+              "--eval_folder", str(tmp_path), "--progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra, steps, nfe in (
+            ("pc50", ["--config.model.num_scales", "50", "--config.sampling.corrector", "none"],
+             50, 50 + 2),
+            ("heun18", ["--sampler", "heun", "--steps", "18"], 17, 2 * 17 + 1 + 2)):
+        result = subprocess.run(common + extra + ["--save_name", name], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert np.load(tmp_path / f"{name}.npy").shape == (2, 32, 32, 3)
+        total = next(line.split() for line in result.stdout.splitlines()
+                     if line.startswith(" total"))
+        assert (int(total[1]), int(total[2])) == (steps, nfe), result.stdout
