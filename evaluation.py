@@ -336,6 +336,26 @@ def proxy_fid(images: Iterable | np.ndarray | torch.Tensor, stats: dict) -> floa
     return frechet_distance(*accumulator.result(), stats["mu"], stats["sigma"])
 
 
+def proxy_fid_bootstrap(images, stats: dict, num_resamples: int = 200, level: float = 0.95,
+                        seed: int = 0) -> dict[str, float]:
+    """Proxy FID of images (uint8 NHWC or float NCHW in [0, 1]) with a percentile bootstrap
+    interval: the images' feature rows are drawn with replacement `num_resamples` times and the
+    Frechet distance recomputed. Returns {"value", "low", "high"} (interval at `level`)."""
+    _check_proxy_stats(stats)
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"The interval level must lie in (0, 1); got {level}.")
+    features = proxy_features(images)
+    if len(features) < 2:
+        raise ValueError(f"The bootstrap needs at least 2 images; got {len(features)}.")
+    value = frechet_distance(*gaussian_statistics(features), stats["mu"], stats["sigma"])
+    rng = np.random.default_rng(seed)
+    draws = [frechet_distance(*gaussian_statistics(features[rng.integers(0, len(features),
+                                                                          len(features))]),
+                              stats["mu"], stats["sigma"]) for _ in range(num_resamples)]
+    low, high = np.percentile(draws, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return {"value": float(value), "low": float(low), "high": float(high)}
+
+
 def _check_proxy_stats(stats: dict) -> None:
     if "mu" not in stats or int(np.asarray(stats.get("proxy_version", -1))) != PROXY_VERSION:
         raise ValueError(
