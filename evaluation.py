@@ -383,6 +383,15 @@ def proxy_quality(images, stats: dict, reference_features: np.ndarray | None = N
     return result
 
 
+def proxy_fid_bootstrap(images, stats: dict, num_resamples: int = 200, level: float = 0.95,
+                        seed: int = 0) -> dict[str, float]:
+    """Proxy FID of images (uint8 NHWC or float NCHW in [0, 1]) with its bootstrap interval
+    (`frechet_distance_bootstrap` on their proxy features). Returns {"value", "low", "high",
+    "samples"}."""
+    _check_proxy_stats(stats)
+    return frechet_distance_bootstrap(proxy_features(images), stats, num_resamples, level, seed)
+
+
 def _check_proxy_stats(stats: dict) -> None:
     if "mu" not in stats or int(np.asarray(stats.get("proxy_version", -1))) != PROXY_VERSION:
         raise ValueError(

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import sde_lib
+import solvers
 from models import utils as mutils
 from registry import Registry
 from sde_lib import batch_broadcast
@@ -669,20 +670,63 @@ def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, deno
     return ode_sampler
 
 
+def get_solver_sampler(name: str, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
+                       steps: int | None = None, schedule=None, denoise: bool = True,
+                       eps: float = 1e-3, continuous: bool = True, device=None,
+                       progress: bool = True, **options) -> Callable:
+    """A few-step probability-flow sampler `sampler(model, z=None) -> (samples, nfe)`.
+
+    Runs `solvers.get_solver(name)` ('heun', 'dpm_solver', 'ddim') from T (a prior sample, or
+    the latent `z`) to eps with the time `schedule` (a name of `solvers.SCHEDULES`, None for the
+    solver's default). `steps` counts steps as EDM does: with `denoise` the last one is the step
+    to noise level 0 (the data prediction at eps), so Heun with 18 steps makes 35 network
+    evaluations, DPM-Solver++(2M) and DDIM one per step; None takes `solvers.DEFAULT_STEPS`.
+    `options` are the solver's keyword options (rho, churn..., eta). nfe counts every network
+    evaluation.
+    """
+    solver = solvers.get_solver(name)
+    window_steps, denoise = solvers.full_steps(name, steps, denoise)
+
+    def solver_sampler(model, z: torch.Tensor | None = None):
+        target = device if device is not None else mutils.default_device()
+        score_fn = mutils.get_score_fn(sde, model, train=False, continuous=continuous)
+        with torch.no_grad():
+            x = sde.prior_sampling(shape).to(target) if z is None else z
+            x, nfe = solver(score_fn, sde, x, sde.T, eps, window_steps, schedule,
+                            denoise=denoise, progress=progress, desc=name, **options)
+            return inverse_scaler(x), nfe
+
+    return solver_sampler
+
+
 def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
                     eps: float, progress: bool = True, denoise: bool | None = None,
                     score_fn: ScoreFn | None = None) -> Callable:
-    """The sampler named by `config.sampling.method` ('pc' or 'ode'), as `fn(model)`.
+    """The sampler named by `config.sampling.method` as `fn(model) -> (samples, nfe)`: 'pc'
+    (N = model.num_scales steps), 'ode' (adaptive RK45), or the few-step solvers 'heun',
+    'dpm_solver', 'ddim' (`get_solver_sampler`).
 
     The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5) and
-    `sampling.ode_method` (default RK45). `denoise` (default `sampling.noise_removal`) and
-    `score_fn` (PC only: a score function replacing the model's) are the subspace-diffusion
-    code's keywords.
+    `sampling.ode_method` (default RK45); the solvers read `sampling.steps`,
+    `sampling.schedule` and their options (`solvers.solver_options`). `denoise` (default
+    `sampling.noise_removal`) and `score_fn` (PC only: a score function replacing the model's)
+    are the subspace-diffusion code's keywords.
     """
     name = config.sampling.method.lower()
     device = getattr(config, "device", None)
     if denoise is None:
         denoise = config.sampling.noise_removal
+    if name in solvers.SOLVERS:
+        if score_fn is not None:
+            raise ValueError("get_sampling_fn(score_fn=...) applies to the PC sampler only: give "
+                             "the solver a model, e.g. a models.subspace_model.SubspaceScore.")
+        return get_solver_sampler(name, sde, shape, inverse_scaler,
+                                  steps=config.sampling.get("steps"),
+                                  schedule=config.sampling.get("schedule"),
+                                  denoise=denoise, eps=eps,
+                                  continuous=config.training.continuous, device=device,
+                                  progress=progress,
+                                  **solvers.solver_options(name, config.sampling))
     if name == "ode":
         if score_fn is not None:
             raise ValueError("get_sampling_fn(score_fn=...) applies to the PC sampler only: give "
@@ -704,4 +748,4 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                               denoise=denoise, eps=eps, device=device,
                               progress=progress, score_fn=score_fn)
     raise ValueError(f"Unknown sampling method '{config.sampling.method}': set "
-                     "config.sampling.method to 'pc' or 'ode'.")
+                     "config.sampling.method to 'pc', 'ode', 'heun', 'dpm_solver' or 'ddim'.")

@@ -45,6 +45,14 @@ class SDE(abc.ABC):
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Standard deviation sigma(t) of the perturbation kernel p_t(x_t | x_0)."""
 
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Half log signal-to-noise ratio lambda(t) = log(alpha(t) / sigma(t)) (Lu et al. 2022)."""
+        return torch.log(self.alpha(t)) - torch.log(self.sigma(t))
+
+    def log_snr_to_time(self, lam: torch.Tensor) -> torch.Tensor:
+        """Inverse of `log_snr`: the time t with lambda(t) = lam (lambda decreases with t)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inverse of its log-SNR.")
+
     def marginal_prob(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean alpha(t) x_0 and std sigma(t) of p_t(x_t | x_0)."""
         return batch_broadcast(self.alpha(t), x) * x, self.sigma(t)
@@ -168,6 +176,17 @@ class VPSDE(SDE):
         drift = -0.5 * batch_broadcast(beta_t, x) * x
         return drift, torch.sqrt(beta_t)
 
+    def time_of_log_mean(self, B: torch.Tensor) -> torch.Tensor:
+        """Inverse of B(t) = beta_min t + (beta_max - beta_min) t^2 / 2 = -2 log alpha(t)."""
+        slope = self.beta_1 - self.beta_0
+        if slope == 0:
+            return B / self.beta_0
+        return (torch.sqrt(self.beta_0**2 + 2.0 * slope * B) - self.beta_0) / slope
+
+    def log_snr_to_time(self, lam):
+        """sigma^2 / alpha^2 = exp(B) - 1 = exp(-2 lam), so B = log(1 + exp(-2 lam))."""
+        return self.time_of_log_mean(torch.nn.functional.softplus(-2.0 * lam))
+
     def prior_sampling(self, shape):
         return torch.randn(*shape)
 
@@ -207,6 +226,10 @@ class subVPSDE(VPSDE):
         """Generic Euler-Maruyama discretisation (sub-VP has no DDPM counterpart)."""
         return SDE.discretize(self, x, t)
 
+    def log_snr_to_time(self, lam):
+        """sigma / alpha = exp(B/2) - exp(-B/2) = exp(-lam), so B = 2 asinh(exp(-lam) / 2)."""
+        return self.time_of_log_mean(2.0 * torch.asinh(0.5 * torch.exp(-lam)))
+
 
 class VESDE(SDE):
     """Variance-exploding SDE: dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw."""
@@ -230,6 +253,13 @@ class VESDE(SDE):
 
     def marginal_prob(self, x, t):
         return x, self.sigma(t)
+
+    def log_snr(self, t):
+        return -torch.log(self.sigma(t))
+
+    def log_snr_to_time(self, lam):
+        """alpha = 1, so sigma(t) = exp(-lam)."""
+        return (-lam - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
 
     def sde(self, x, t):
         sigma = self.sigma(t)

@@ -1,10 +1,11 @@
-r"""Subspace SDE sampling from the command line (Jing et al. 2022).
+r"""Subspace sampling from the command line (Jing et al. 2022).
 
     python subspace_sample.py --config configs/ve/cifar10_ncsnpp_continuous.py --dataset cifar \
         --subspace 16 --time 0.5 --langevin_snr 0.22 --ckpt_subspace SUB.pth --ckpt_full FULL.pth \
         --eval_folder samples --save_name run1
 
-Several nested levels: `--subspace 16,8 --time 0.5,0.6 --ckpt_subspace S16.pth,S8.pth`. Samples
+Several nested levels: `--subspace 16,8 --time 0.5,0.6 --ckpt_subspace S16.pth,S8.pth`. Few-step
+ODE solvers per stage: `--sampler heun --steps 18` (or dpm_solver, ddim; `ode` is RK45). Samples
 (uint8 NHWC) are saved to EVAL_FOLDER/SAVE_NAME.npy after every round, so an interrupted run
 resumes where it stopped; FID/IS/KID are computed when the dataset's statistics exist.
 """
@@ -45,6 +46,12 @@ flags.DEFINE_boolean("legacy", False, "Reproduce the reference script exactly: i
                      "grids (int(N (start - end)) steps each, the cutoff time evaluated by both "
                      "windows), eps 1e-5 for every SDE, upsampling noise at the cutoff, "
                      "--legacy_langevin with alpha = 1, the sub-VP CIFAR-10 offsets.")
+flags.DEFINE_enum("sampler", "pc", ["pc", "ode", "heun", "dpm_solver", "ddim"],
+                  "Sampler of every plan stage: PC (N = model.num_scales steps, the paper's), "
+                  "adaptive RK45 ('ode'), or a few-step ODE solver.")
+flags.DEFINE_integer("steps", None, "Solver steps over all stages, the last being the "
+                     "denoising step (heun, dpm_solver, ddim); default: config.sampling.steps, "
+                     "else the solver's default.")
 flags.DEFINE_float("eps", None, "Final sampling time; default: 1e-5 (VE, and every SDE with "
                    "--legacy) or 1e-3 (VP, sub-VP).")
 flags.DEFINE_integer("seed", None, "Random seed (round r uses seed + r); default: config.seed.")
@@ -84,6 +91,10 @@ def check_flags(full_size: int) -> tuple[tuple[int, ...], tuple[float, ...], lis
     cli.check_range(FLAGS.langevin_snr, "--langevin_snr", low=0, low_open=True)
     cli.check_range(FLAGS.eps, "--eps", low=0, high=1, low_open=True, high_open=True)
     cli.check_range(FLAGS.seed, "--seed", low=0)
+    cli.check_range(FLAGS.steps, "--steps", low=1)
+    if FLAGS.legacy and FLAGS.sampler != "pc":
+        raise UsageError(f"--legacy reproduces the reference PC sampler; it cannot be combined "
+                         f"with --sampler {FLAGS.sampler}.")
     sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", full_size)
     times = cli.parse_times(FLAGS.time)
     ckpts = cli.parse_paths(FLAGS.ckpt_subspace, "--ckpt_subspace")
@@ -109,13 +120,22 @@ def run(config) -> None:
     import evaluation
     import sample_settings
     import sde_lib
+    import solvers
     import subspace_lib as sl
     from models import utils as mutils
     from models.subspace_model import subspace_configs
-    from subspace_sampling import StageReport, format_stage_reports, subspace_pc_sample
+    from subspace_sampling import (
+        StageReport,
+        format_stage_reports,
+        subspace_pc_sample,
+        subspace_solver_sample,
+    )
     from utils import atomic_numpy_save, load_model_weights
 
     sizes, times, ckpts = check_flags(config.data.image_size)
+    steps = FLAGS.steps if FLAGS.steps is not None else config.sampling.get("steps")
+    if FLAGS.sampler in solvers.SOLVERS:
+        solvers.full_steps(FLAGS.sampler, steps, config.sampling.noise_removal)  # checks steps
     dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, sizes, times, dataset)
     sde, default_eps = sde_lib.get_sde(config)
@@ -136,7 +156,8 @@ def run(config) -> None:
         "sampler": {"eps": eps, "langevin_snr": FLAGS.langevin_snr,
                     "langevin_steps": FLAGS.langevin_steps,
                     "conditional_langevin": FLAGS.conditional_langevin,
-                    "legacy_langevin": FLAGS.legacy_langevin, "legacy": FLAGS.legacy},
+                    "legacy_langevin": FLAGS.legacy_langevin, "legacy": FLAGS.legacy,
+                    "method": FLAGS.sampler, "steps": steps},
         "seed": seed, "batch": FLAGS.batch}
     problem = distributed.broadcast_from_main(
         sample_settings.settings_problem(path, settings, path.is_file()) if main else None)
@@ -170,16 +191,29 @@ def run(config) -> None:
         # give exactly --number_samples.
         torch.manual_seed(seed + r)
         batch = min(FLAGS.batch, FLAGS.number_samples - r * FLAGS.batch)
-        x, reports = subspace_pc_sample(
-            networks, sde, plan, config.data.centered, (batch, channels, size, size),
-            eps=eps, predictor=config.sampling.predictor, corrector=config.sampling.corrector,
-            snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
-            probability_flow=config.sampling.probability_flow,
-            continuous=config.training.continuous, denoise=config.sampling.noise_removal,
-            langevin_snr=FLAGS.langevin_snr, langevin_steps=FLAGS.langevin_steps,
-            conditional_langevin_steps=FLAGS.conditional_langevin,
-            legacy_langevin=FLAGS.legacy_langevin, device=device,
-            progress=FLAGS.progress and main, legacy=FLAGS.legacy)
+        common = dict(continuous=config.training.continuous,
+                      denoise=config.sampling.noise_removal, langevin_snr=FLAGS.langevin_snr,
+                      langevin_steps=FLAGS.langevin_steps,
+                      conditional_langevin_steps=FLAGS.conditional_langevin,
+                      legacy_langevin=FLAGS.legacy_langevin, device=device,
+                      progress=FLAGS.progress and main)
+        shape = (batch, channels, size, size)
+        if FLAGS.sampler == "pc":
+            x, reports = subspace_pc_sample(
+                networks, sde, plan, config.data.centered, shape, eps=eps,
+                predictor=config.sampling.predictor, corrector=config.sampling.corrector,
+                snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
+                probability_flow=config.sampling.probability_flow, legacy=FLAGS.legacy,
+                **common)
+        else:
+            options = (solvers.solver_options(FLAGS.sampler, config.sampling)
+                       if FLAGS.sampler in solvers.SOLVERS else
+                       dict(rtol=config.sampling.get("rtol", 1e-5),
+                            atol=config.sampling.get("atol", 1e-5)))
+            x, reports = subspace_solver_sample(
+                networks, sde, plan, config.data.centered, shape, eps=eps,
+                method=FLAGS.sampler, steps=steps, schedule=config.sampling.get("schedule"),
+                **options, **common)
         return evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), reports
 
     totals: list[StageReport] | None = None

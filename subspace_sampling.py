@@ -1,4 +1,4 @@
-"""Subspace SDE sampling: PC sampling per plan stage, upsampling, conditional Langevin.
+"""Subspace sampling: a sampler per plan stage (PC or an ODE solver), upsampling, Langevin.
 
 The reverse SDE starts in the smallest subspace of a `SubspacePlan` with that level's network.
 At each cutoff the state is lifted to the next-larger level (`upsampling.upsample_level`), a few
@@ -6,7 +6,8 @@ Langevin steps with the next-larger network move only the newly added band (grad
 projected onto the orthogonal complement, so the subspace component stays fixed), and PC
 sampling continues with that network; the full network handles the last window. Step counts per
 window come from `sampling.window_step_counts`, so the windows together visit the full sampler's
-grid of N steps.
+grid of N steps. `subspace_solver_sample` runs a probability-flow solver (`solvers.py`) in each
+stage instead, its steps split in proportion to each window's share of the time schedule.
 """
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ import torch
 import torch.nn as nn
 
 import sde_lib
+import solvers
 import subspace_lib as sl
 from models import utils as mutils
 from sampling import (
+    denoise_update,
     langevin_steps,
     legacy_window_grid,
+    ode_sample_window,
     pc_sample_window,
     window_step_counts,
     window_timesteps,
@@ -87,6 +91,76 @@ def stage_boundaries(plan: sl.SubspacePlan, T: float, eps: float) -> list[tuple[
     return windows[:-1] + [(level, start, eps)]
 
 
+# A stage integrator: (score_fn, x, start, end, steps, last, desc) -> (state at end, nfe).
+StageIntegrator = Callable[[ScoreFn, torch.Tensor, float, float, int, bool, str],
+                           tuple[torch.Tensor, int]]
+
+
+def _run_stages(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl.SubspacePlan,
+                centered: bool, shape: Sequence[int], stages: list[tuple[int, float, float]],
+                counts: Sequence[int], integrate: StageIntegrator,
+                arrival_time: Callable[[float, float, int], float], *, continuous: bool,
+                langevin_snr: float, langevin_steps: int, conditional_langevin_steps: bool,
+                legacy_langevin: bool, x: torch.Tensor | None, device, progress: bool,
+                legacy_cutoffs: Sequence[float] | None = None
+                ) -> tuple[torch.Tensor, list[StageReport]]:
+    """The stage loop of subspace sampling, whatever integrates each window.
+
+    Stage i runs `integrate` with level `stages[i][0]`'s score on its window with `counts[i]`
+    steps. Between stages the state is upsampled at `arrival_time(start, end, steps)` of the
+    next window (the time the state has reached) and refined by conditional Langevin steps.
+    `legacy_cutoffs` (the reference script's behaviour, see `subspace_pc_sample`): stage i is
+    upsampled at the cutoff time `legacy_cutoffs[i]` itself with the reference's data-scaler
+    offsets, and its Langevin steps are the legacy ones with alpha = 1.
+    """
+    if len(networks) != plan.num_levels + 1:
+        raise ValueError(f"Give {plan.num_levels + 1} networks (full size first, then one per "
+                         f"subspace size {list(plan.sizes)}); got {len(networks)}.")
+    device = device if device is not None else mutils.default_device()
+    score_fns = [mutils.get_score_fn(sde, net, train=False, continuous=continuous)
+                 for net in networks]
+    batch, channels = shape[0], shape[1]
+    reports: list[StageReport] = []
+    with torch.no_grad():
+        for i, ((level, start, end), steps) in enumerate(zip(stages, counts)):
+            began = time.perf_counter()
+            size = plan.size_of(level)
+            langevin_nfe = 0
+            if i == 0:
+                if x is None:
+                    x = sde.prior_sampling((batch, channels, size, size)).to(device)
+            else:
+                vec_t = torch.full((batch,), arrival_time(start, end, steps), device=device)
+                lower = stages[i - 1][0]
+                legacy = legacy_cutoffs is not None
+                if legacy:
+                    # Noise at the cutoff time itself, with the reference's offsets.
+                    x = upsample_level(x, sde, legacy_cutoffs[i], plan, lower, centered,
+                                       offset=_legacy_offset_factor(sde, plan.size_of(lower)))
+                else:
+                    x = upsample_level(x, sde, vec_t, plan, lower, centered)
+                if langevin_steps > 0:
+                    removed = plan.relative_halvings(lower) if conditional_langevin_steps \
+                        else None
+                    if legacy_langevin or legacy:
+                        score = _legacy_langevin_score(networks[level])
+                        alpha = (torch.ones_like(vec_t)
+                                 if legacy or isinstance(sde, sde_lib.subVPSDE) else None)
+                    else:
+                        score, alpha = score_fns[level], None
+                    x, _ = conditional_langevin(score, sde, x, vec_t, langevin_snr,
+                                                langevin_steps, removed, alpha=alpha)
+                    langevin_nfe = langevin_steps
+            last = i == len(stages) - 1
+            desc = f"{size}x{size} [{start:g}, {end:g}]" if progress else None
+            x, nfe = integrate(score_fns[level], x, start, end, steps, last, desc)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            reports.append(StageReport(level, size, start, end, steps, nfe + langevin_nfe,
+                                       langevin_nfe, time.perf_counter() - began))
+    return x, reports
+
+
 def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl.SubspacePlan,
                        centered: bool, shape: Sequence[int], *, eps: float, predictor, corrector,
                        snr: float, n_steps_each: int = 1, probability_flow: bool = False,
@@ -114,11 +188,8 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
     with its sub-VP CIFAR-10 offsets, and the Langevin steps are those of `legacy_langevin` with
     alpha = 1. The caller passes the reference's eps (1e-5 for every SDE).
     """
-    if len(networks) != plan.num_levels + 1:
-        raise ValueError(f"Give {plan.num_levels + 1} networks (full size first, then one per "
-                         f"subspace size {list(plan.sizes)}); got {len(networks)}.")
-    device = device if device is not None else mutils.default_device()
-    if legacy:
+    legacy_cutoffs = None
+    if legacy and len(networks) == plan.num_levels + 1:
         if plan.num_levels != 1:
             raise ValueError(f"The reference script had one subspace level, not "
                              f"{plan.num_levels} {list(plan.sizes)}: give one --subspace size "
@@ -127,59 +198,94 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
         grids = [legacy_window_grid(sde.N, start, end, sde.T, eps) for _, start, end in windows]
         stages = [(level, first, last) for (level, _, _), (first, last, _) in zip(windows, grids)]
         counts = [steps for _, _, steps in grids]
+        legacy_cutoffs = [start for _, start, _ in windows]
         grid_eps = None
     else:
-        stages = stage_boundaries(plan, sde.T, eps)
-        counts = window_step_counts(sde.N, [sde.T] + [s[2] for s in stages], sde.T, eps)
+        stages = (stage_boundaries(plan, sde.T, eps)
+                  if len(networks) == plan.num_levels + 1 else [])
+        counts = window_step_counts(sde.N, [sde.T] + [s[2] for s in stages], sde.T, eps) \
+            if stages else []
         grid_eps = eps
-    score_fns = [mutils.get_score_fn(sde, net, train=False, continuous=continuous)
-                 for net in networks]
-    batch, channels = shape[0], shape[1]
-    reports: list[StageReport] = []
-    with torch.no_grad():
-        for i, ((level, start, end), steps) in enumerate(zip(stages, counts)):
-            began = time.perf_counter()
-            size = plan.size_of(level)
-            times = window_timesteps(sde.N, start, end, steps, sde.T, grid_eps, device=device)
-            langevin_nfe = 0
-            if i == 0:
-                if x is None:
-                    x = sde.prior_sampling((batch, channels, size, size)).to(device)
-            else:
-                # The state has reached this window's first grid time.
-                t_now = float(times[0]) if steps > 0 else start
-                vec_t = torch.full((batch,), t_now, device=device)
-                lower = stages[i - 1][0]
-                if legacy:
-                    # Noise at the cutoff time itself, with the reference's offsets.
-                    x = upsample_level(x, sde, windows[i][1], plan, lower, centered,
-                                       offset=_legacy_offset_factor(sde, plan.size_of(lower)))
-                else:
-                    x = upsample_level(x, sde, vec_t, plan, lower, centered)
-                if langevin_steps > 0:
-                    removed = plan.relative_halvings(lower) if conditional_langevin_steps \
-                        else None
-                    if legacy_langevin or legacy:
-                        score = _legacy_langevin_score(networks[level])
-                        alpha = (torch.ones_like(vec_t)
-                                 if legacy or isinstance(sde, sde_lib.subVPSDE) else None)
-                    else:
-                        score, alpha = score_fns[level], None
-                    x, _ = conditional_langevin(score, sde, x, vec_t, langevin_snr,
-                                                langevin_steps, removed, alpha=alpha)
-                    langevin_nfe = langevin_steps
-            last = i == len(stages) - 1
-            x, _, nfe = pc_sample_window(score_fns[level], sde, x, start, end, steps, predictor,
-                                         corrector, snr, n_steps_each=n_steps_each,
-                                         probability_flow=probability_flow,
-                                         denoise=denoise and last, progress=progress,
-                                         desc=f"{size}x{size} [{start:g}, {end:g}]",
-                                         eps=grid_eps)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            reports.append(StageReport(level, size, start, end, steps, nfe + langevin_nfe,
-                                       langevin_nfe, time.perf_counter() - began))
-    return x, reports
+
+    def arrival_time(start: float, end: float, steps: int) -> float:
+        # The state has reached this window's first grid time.
+        if steps == 0:
+            return start
+        return float(window_timesteps(sde.N, start, end, steps, sde.T, grid_eps)[0])
+
+    def integrate(score_fn, x, start, end, steps, last, desc):
+        x, _, nfe = pc_sample_window(score_fn, sde, x, start, end, steps, predictor, corrector,
+                                     snr, n_steps_each=n_steps_each,
+                                     probability_flow=probability_flow,
+                                     denoise=denoise and last, progress=desc is not None,
+                                     desc=desc, eps=grid_eps)
+        return x, nfe
+
+    return _run_stages(networks, sde, plan, centered, shape, stages, counts, integrate,
+                       arrival_time, continuous=continuous, langevin_snr=langevin_snr,
+                       langevin_steps=langevin_steps,
+                       conditional_langevin_steps=conditional_langevin_steps,
+                       legacy_langevin=legacy_langevin, x=x, device=device, progress=progress,
+                       legacy_cutoffs=legacy_cutoffs)
+
+
+def schedule_step_counts(sde: sde_lib.SDE, steps: int, boundaries: Sequence[float],
+                         schedule: str, rho: float = 7.0) -> list[int]:
+    """Solver steps per window for decreasing time boundaries T = b_0 > ... > b_m = eps, in
+    proportion to each window's share of the schedule: `window_step_counts` applied to the
+    schedule's warp w(b_i) (`solvers.schedule_warp`), so a window's steps follow its length in
+    the coordinate where the grid is uniform; every window gets at least one step."""
+    warped = solvers.schedule_warp(sde, torch.tensor([float(b) for b in boundaries],
+                                                     dtype=torch.float64), schedule, rho)
+    return [max(1, c) for c in window_step_counts(steps, warped.tolist())]
+
+
+def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
+                           plan: sl.SubspacePlan, centered: bool, shape: Sequence[int], *,
+                           eps: float, method: str, steps: int | None = None, schedule=None,
+                           denoise: bool = True, continuous: bool = True,
+                           langevin_snr: float = 0.22, langevin_steps: int = 2,
+                           conditional_langevin_steps: bool = True, legacy_langevin: bool = False,
+                           x: torch.Tensor | None = None, device=None, progress: bool = False,
+                           rtol: float = 1e-5, atol: float = 1e-5, **options
+                           ) -> tuple[torch.Tensor, list[StageReport]]:
+    """Subspace diffusion with a probability-flow solver in every plan stage.
+
+    `method` is a solver of `solvers.SOLVERS` ('heun', 'dpm_solver', 'ddim') or 'ode'
+    (adaptive RK45 per stage at rtol/atol). Each stage integrates in its own dimension with its
+    level's network; at each cutoff the state is upsampled (and refined by conditional Langevin
+    steps, as in `subspace_pc_sample`). `steps` counts as in `sampling.get_solver_sampler` (with
+    `denoise` the last step is the data prediction at eps); the remaining integration steps are
+    split over the stages by `schedule_step_counts`. `options` go to the solver (rho, churn...,
+    eta). Returns the samples and one `StageReport` per stage.
+    """
+    stages = stage_boundaries(plan, sde.T, eps) if len(networks) == plan.num_levels + 1 else []
+    boundaries = [sde.T] + [s[2] for s in stages]
+    if method == "ode":
+        counts = [0] * len(stages)
+
+        def integrate(score_fn, x, start, end, steps, last, desc):
+            x, nfe = ode_sample_window(score_fn, sde, x, start, end, rtol=rtol, atol=atol,
+                                       solver="torch")
+            if denoise and last:
+                x, nfe = denoise_update(score_fn, sde, x, end), nfe + 1
+            return x, nfe
+    else:
+        solver = solvers.get_solver(method)
+        total, _ = solvers.full_steps(method, steps, denoise)
+        name = schedule if isinstance(schedule, str) else solvers.DEFAULT_SCHEDULES[method]
+        counts = schedule_step_counts(sde, total, boundaries, name, options.get("rho", 7.0)) \
+            if stages else []
+
+        def integrate(score_fn, x, start, end, steps, last, desc):
+            return solver(score_fn, sde, x, start, end, steps, name, denoise=denoise and last,
+                          progress=desc is not None, desc=desc, **options)
+
+    return _run_stages(networks, sde, plan, centered, shape, stages, counts, integrate,
+                       lambda start, end, steps: start, continuous=continuous,
+                       langevin_snr=langevin_snr, langevin_steps=langevin_steps,
+                       conditional_langevin_steps=conditional_langevin_steps,
+                       legacy_langevin=legacy_langevin, x=x, device=device, progress=progress)
 
 
 def format_stage_reports(reports: Sequence[StageReport]) -> str:

@@ -20,6 +20,7 @@ import torch
 
 from files import atomic_torch_save
 from models.ema import ExponentialMovingAverage
+from models.utils import config_derived_keys
 
 # Published checkpoints were saved from `torch.nn.DataParallel`, whose state-dict keys carry this.
 _WRAPPER_PREFIX = "module."
@@ -87,10 +88,11 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
     """
     state_dict = _without_prefix(state_dict)
     expected = unwrap_model(model).state_dict()
+    derived = config_derived_keys(unwrap_model(model))  # e.g. `sigmas` of continuous models
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [k for k in expected
-                 if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    misshaped = [k for k in expected if k in state_dict and k not in derived
+                 and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
     if not (missing or unexpected or misshaped):
         return
     details = []
@@ -118,10 +120,18 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     """Load `state_dict` (with or without `module.` prefix) after `check_state_dict` passed.
 
     Values are copied into the model's own tensors, so they keep the model's dtype and device
-    (the float64 `sigmas` buffer stays float64).
+    (the float64 `sigmas` buffer stays float64). An entry the model derives from its config
+    (`models.utils.config_derived_keys`: the `sigmas` of continuous-time networks) whose length
+    differs from the model's keeps the model's values, so any `model.num_scales` loads.
     """
     check_state_dict(model, state_dict, source)
-    unwrap_model(model).load_state_dict(_without_prefix(state_dict), strict=True)
+    target = unwrap_model(model)
+    state_dict = _without_prefix(state_dict)
+    own = target.state_dict()
+    for key in config_derived_keys(target):
+        if state_dict[key].shape != own[key].shape:
+            state_dict[key] = own[key]
+    target.load_state_dict(state_dict, strict=True)
 
 
 def _read_checkpoint(path: Path, device: torch.device | str | None) -> Any:

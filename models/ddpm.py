@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models import layers
 from models.layers import NIN, ddpm_conv3x3, dense, get_act
-from models.utils import get_sigmas, register_model
+from models.utils import register_model, register_sigmas
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -119,7 +119,7 @@ class DDPM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.act = act = get_act(config)
-        self.register_buffer("sigmas", get_sigmas(config))
+        register_sigmas(self, config)
         self.nf = nf = config.model.nf
         ch_mult = tuple(config.model.ch_mult)
         self.num_res_blocks = num_res_blocks = config.model.num_res_blocks

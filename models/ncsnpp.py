@@ -16,7 +16,7 @@ import sde_lib
 import subspace_lib
 from models import layerspp
 from models.layers import dense, get_act, get_timestep_embedding
-from models.utils import get_sigmas, register_model
+from models.utils import register_model, register_sigmas
 
 _PROGRESSIVE = ("none", "output_skip", "residual")
 _PROGRESSIVE_INPUT = ("none", "input_skip", "residual")
@@ -56,7 +56,7 @@ class NCSNpp(nn.Module):
         self.config = config
         model = config.model
         self.act = act = get_act(config)
-        self.register_buffer("sigmas", get_sigmas(config))
+        register_sigmas(self, config)
         self.gaussian_dc = bool(model.get("gaussian_dc", False))
         if self.gaussian_dc:
             if (str(config.training.sde).lower() not in ("vpsde", "subvpsde")

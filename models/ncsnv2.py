@@ -16,7 +16,7 @@ import torch.nn as nn
 from models.layers import divide_by_sigmas, get_act, noise_level_indices
 from models.ncsn_layers import RefineBlock, ResidualBlock
 from models.normalization import get_normalization
-from models.utils import get_sigmas, register_model
+from models.utils import register_model, register_sigmas
 
 
 class _Block(NamedTuple):
@@ -106,7 +106,7 @@ class _NCSNv2Base(_DilatedRefineNet):
 
     def __init__(self, config, stages: list[_Stage]):
         super().__init__(config, stages, conditional=False)
-        self.register_buffer("sigmas", get_sigmas(config))
+        register_sigmas(self, config)
         self.scale_by_sigma = bool(getattr(config.model, "scale_by_sigma", True))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

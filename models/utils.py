@@ -43,6 +43,29 @@ def get_sigmas(config) -> torch.Tensor:
     return torch.from_numpy(sigmas)
 
 
+def register_sigmas(module: nn.Module, config) -> None:
+    """Register the float64 `sigmas` buffer (`get_sigmas`, num_scales noise levels) on `module`.
+
+    A continuous-time network never indexes it by a trained step count, so for
+    `config.training.continuous` the buffer is marked as derived from the config
+    (`config_derived_buffers`): checkpoint loading accepts any length and then keeps the
+    config's values, so sampling may use another `model.num_scales` than training did (the same
+    length loads the checkpoint's values, equal to rounding). Discrete-time networks keep the
+    strict check.
+    """
+    module.register_buffer("sigmas", get_sigmas(config))
+    training = config.get("training") if hasattr(config, "get") else None
+    if training is not None and bool(training.get("continuous", False)):
+        module.config_derived_buffers = ("sigmas",)
+
+
+def config_derived_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of `model` whose values come from its config, not from checkpoints."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules()
+            for name in getattr(module, "config_derived_buffers", ())}
+
+
 def default_device() -> torch.device:
     """CUDA when a GPU is present, else CPU (chosen at run time, never at import)."""
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
