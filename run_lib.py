@@ -156,7 +156,8 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
         for key in ("samples", "tensorboard", "checkpoints"):
             paths[key].mkdir(parents=True, exist_ok=True)
     initial_step = int(state["step"])
-    if not getattr(state["model"], "has_dc_statistics", lambda: True)():
+    if initial_step == 0:
+        # A fresh run takes the data's DC statistics; a resumed one has them in its checkpoint.
         set_dc_statistics(state["model"], config, device)
     distributed.check_same_on_all_ranks(
         initial_step, f"the training step restored from {paths['meta']}",

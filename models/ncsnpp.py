@@ -66,7 +66,8 @@ class NCSNpp(nn.Module):
             self._sde = sde_lib.get_sde(config)[0]
             channels = config.data.num_channels
             self.register_buffer("dc_mean", torch.zeros(channels, dtype=torch.float64))
-            self.register_buffer("dc_cov", torch.zeros(channels, channels, dtype=torch.float64))
+            # A standard normal until `run_lib.train` sets the training data's statistics.
+            self.register_buffer("dc_cov", torch.eye(channels, dtype=torch.float64))
 
         self.nf = nf = model.nf
         ch_mult = tuple(model.ch_mult)
@@ -226,15 +227,8 @@ class NCSNpp(nn.Module):
         self.dc_mean.copy_(torch.as_tensor(mean, dtype=torch.float64).reshape(-1))
         self.dc_cov.copy_(torch.as_tensor(cov, dtype=torch.float64).reshape(self.dc_cov.shape))
 
-    def has_dc_statistics(self) -> bool:
-        """Whether the DC statistics of `gaussian_dc` are set (always True without it)."""
-        return not self.gaussian_dc or bool(torch.any(self.dc_cov != 0))
-
     def _gaussian_dc(self, x: torch.Tensor, time_cond: torch.Tensor) -> torch.Tensor:
         """The Gaussian DC noise prediction lifted to the image (constant per channel)."""
-        if not self.has_dc_statistics():
-            raise RuntimeError("The Gaussian DC model has no data statistics: train the network "
-                               "with run_lib.train (it sets them) or call set_dc_statistics.")
         k = subspace_lib.num_halvings(x.shape[-1], 1)
         dc = subspace_lib.downsample(x, k).flatten(1)
         t = self._sde.label_to_time(time_cond)

@@ -66,12 +66,14 @@ def test_the_dc_of_the_output_is_the_gaussian_noise_prediction():
     torch.testing.assert_close(out.double() - centred.double(), lifted, atol=1e-5, rtol=1e-5)
 
 
-def test_statistics_are_required_and_only_for_noise_predicting_networks():
+def test_statistics_start_standard_normal_and_only_noise_predicting_networks_have_them():
     net = mutils.create_model(_config(8))
-    assert not net.has_dc_statistics()
-    with pytest.raises(RuntimeError, match="no data statistics"):
-        net(torch.zeros(1, 3, 8, 8), torch.zeros(1))
-    assert mutils.create_model(_config(8, on=False)).has_dc_statistics()
+    torch.testing.assert_close(net.dc_mean, torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(net.dc_cov, torch.eye(3, dtype=torch.float64))
+    assert "dc_cov" not in mutils.create_model(_config(8, on=False)).state_dict()
+    with pytest.raises(ValueError, match="no Gaussian DC model"):
+        mutils.create_model(_config(8, on=False)).set_dc_statistics(torch.zeros(3),
+                                                                      torch.eye(3))
     ve = ve_ncsnpp_small.get_config()
     ve.data.image_size = 8
     ve.model.gaussian_dc = True

@@ -1,4 +1,4 @@
-"""`evaluation.proxy_fid_bootstrap`: the proxy FID with a percentile bootstrap interval."""
+"""`evaluation.proxy_fid_bootstrap`: the proxy FID with its basic bootstrap interval."""
 import numpy as np
 import pytest
 
@@ -32,5 +32,5 @@ def test_bootstrap_rejects_bad_level_and_too_few_images():
     stats, images = _stats_and_images()
     with pytest.raises(ValueError, match=r"level must lie in \(0, 1\); got 1.5"):
         evaluation.proxy_fid_bootstrap(images, stats, level=1.5)
-    with pytest.raises(ValueError, match="at least 2 images; got 1"):
+    with pytest.raises(ValueError, match="at least 2 samples; got 1"):
         evaluation.proxy_fid_bootstrap(images[:1], stats)
