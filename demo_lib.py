@@ -552,7 +552,7 @@ def results_markdown(results: dict) -> str:
     lines = [
         f"# Subspace diffusion demo ({results['mode']} mode)", "",
         f"Built-in dataset (32x32 crops of the scikit-image photographs), `{s['config']}` "
-        f"(sub-VP SDE, small DDPM++ with the Gaussian DC skip), Euler-Maruyama with the same "
+        f"(sub-VP SDE, small DDPM++ with the Gaussian DC model), Euler-Maruyama with the same "
         f"N = {s['num_steps']} steps for every sampler, {s['num_samples']} samples each "
         f"({batches} batches of {s['sample_batch']}, seeds {s['seed']}..{s['seed'] + batches - 1}"
         f"); after each upsampling {s['langevin_steps']} conditional Langevin steps (snr "
