@@ -20,7 +20,7 @@ from models import utils as mutils
 from models.subspace_model import build_subspace_model, subspace_configs
 from subspace_sampling import conditional_langevin
 
-# The reference's upsampling.py / models/subspace_model.py table (also in DESIGN.md).
+# The reference's upsampling.py / models/subspace_model.py table (docs/maths.md).
 REFERENCE_STDS = {
     "cifar": {16: 0.07505646805106986, 8: 0.11017048700915723},
     "celeba": {128: 0.034147739617184675, 64: 0.05084107453389564, 32: 0.07347487958749131,

@@ -1,4 +1,4 @@
-"""Imports run one way (DESIGN.md, section 2): entry scripts -> run_lib -> algorithms ->
+"""Imports run one way (README, Layout): entry scripts -> run_lib -> algorithms ->
 foundations (models/, sde_lib, subspace_lib, ...) -> op/, with no cycle between top-level modules
 and packages. Read from the source with `ast`, so every import counts, also those inside
 functions; nothing is imported.
