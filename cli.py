@@ -175,6 +175,25 @@ def parse_paths(text: str, flag: str) -> list[str]:
     return paths
 
 
+def parse_plan(subspace, time, ckpt_subspace, ckpt_full: str, full_size: int,
+               flags: tuple[str, str, str, str] = ("--subspace", "--time", "--ckpt_subspace",
+                                                   "--ckpt_full")
+               ) -> tuple[tuple[int, ...], tuple[float, ...], list[str]]:
+    """The subspace-plan flags of an entry script, checked together: sizes (`parse_sizes`),
+    cutoff times (`parse_times`), one subspace checkpoint per size, and existing checkpoint
+    files. `flags` names them in errors. Returns (sizes, cutoff times, subspace checkpoints)."""
+    size_flag, time_flag, sub_flag, full_flag = flags
+    sizes = parse_sizes(subspace, size_flag, full_size)
+    times = parse_times(time, time_flag)
+    ckpts = parse_paths(ckpt_subspace, sub_flag)
+    if len(ckpts) != len(sizes):
+        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
+                         f"{sub_flag} files: give one per size, same order.")
+    check_checkpoint_files([ckpt_full], full_flag)
+    check_checkpoint_files(ckpts, sub_flag)
+    return sizes, times, ckpts
+
+
 def check_range(value: float | int | None, flag: str, low: float | None = None,
                 high: float | None = None, low_open: bool = False,
                 high_open: bool = False) -> None:

@@ -75,14 +75,8 @@ def _check_flags(config) -> dict | None:
                                         ("--ckpt_subspace", ckpt_subspace)) if not value]
     if missing:
         raise UsageError(f"--mode eval_subspace needs {', '.join(missing)}.")
-    sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", config.data.image_size)
-    cutoffs = cli.parse_times(FLAGS.time)
-    ckpts = cli.parse_paths(ckpt_subspace, "--ckpt_subspace")
-    if len(ckpts) != len(sizes):
-        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
-                         "--ckpt_subspace files: give one per size, same order.")
-    cli.check_checkpoint_files([ckpt_full], "--ckpt_full")
-    cli.check_checkpoint_files(ckpts, "--ckpt_subspace")
+    sizes, cutoffs, ckpts = cli.parse_plan(FLAGS.subspace, FLAGS.time, ckpt_subspace, ckpt_full,
+                                           config.data.image_size)
     if FLAGS.save_name is not None and (not FLAGS.save_name.strip()
                                         or Path(FLAGS.save_name).name != FLAGS.save_name):
         raise UsageError(f"--save_name '{FLAGS.save_name}' must be a plain file name without "

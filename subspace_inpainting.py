@@ -60,15 +60,11 @@ def run(config) -> None:
                          "--ckpt_subspace).")
     cli.check_range(FLAGS.batch_size, "--batch_size", low=1)
     cli.check_range(FLAGS.seed, "--seed", low=0)
-    sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", config.data.image_size)
-    times = cli.parse_times(FLAGS.time or DEFAULT_TIMES)
+    sizes, times, ckpts = cli.parse_plan(
+        FLAGS.subspace, FLAGS.time or DEFAULT_TIMES, ckpt_subspace, ckpt_full,
+        config.data.image_size,
+        ("--subspace", "--time", "--checkpoint_subspace", "--checkpoint_full"))
     columns = [(t,) for t in times] if len(sizes) == 1 else [times]
-    ckpts = cli.parse_paths(ckpt_subspace, "--checkpoint_subspace")
-    if len(ckpts) != len(sizes):
-        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
-                         "--checkpoint_subspace files: give one per size, same order.")
-    cli.check_checkpoint_files([ckpt_full], "--checkpoint_full")
-    cli.check_checkpoint_files(ckpts, "--checkpoint_subspace")
     cli.check_writable(FLAGS.image_path, "--image_path", is_dir=False)
     dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
     plans = [sl.SubspacePlan.from_statistics(config.data.image_size, sizes, column, dataset)

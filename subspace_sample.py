@@ -95,14 +95,8 @@ def check_flags(full_size: int) -> tuple[tuple[int, ...], tuple[float, ...], lis
     if FLAGS.legacy and FLAGS.sampler != "pc":
         raise UsageError(f"--legacy reproduces the reference PC sampler; it cannot be combined "
                          f"with --sampler {FLAGS.sampler}.")
-    sizes = cli.parse_sizes(FLAGS.subspace, "--subspace", full_size)
-    times = cli.parse_times(FLAGS.time)
-    ckpts = cli.parse_paths(FLAGS.ckpt_subspace, "--ckpt_subspace")
-    if len(ckpts) != len(sizes):
-        raise UsageError(f"Got {len(sizes)} subspace sizes {list(sizes)} but {len(ckpts)} "
-                         "--ckpt_subspace files: give one per size, same order.")
-    cli.check_checkpoint_files([FLAGS.ckpt_full], "--ckpt_full")
-    cli.check_checkpoint_files(ckpts, "--ckpt_subspace")
+    sizes, times, ckpts = cli.parse_plan(FLAGS.subspace, FLAGS.time, FLAGS.ckpt_subspace,
+                                         FLAGS.ckpt_full, full_size)
     if not FLAGS.save_name.strip() or Path(FLAGS.save_name).name != FLAGS.save_name:
         raise UsageError(f"--save_name '{FLAGS.save_name}' must be a plain file name without "
                          "folders; put the folder in --eval_folder.")

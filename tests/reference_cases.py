@@ -33,3 +33,19 @@ def case_config(case_dir: Path, image_size: int | None = None):
 def expected(case_dir: Path) -> dict:
     """The case's expected.pt."""
     return torch.load(case_dir / "expected.pt", weights_only=True)
+
+
+@functools.cache
+def case_networks(case_dir: Path):
+    """The case's config, meta.json, and its full and subspace networks (EMA weights, eval)."""
+    import utils
+    from models import utils as mutils
+    from models.subspace_model import subspace_configs
+
+    config = case_config(case_dir)
+    meta = json.loads((case_dir / "meta.json").read_text())
+    (sub_config,) = subspace_configs(config, [meta["subspace_image_size"]])
+    full = utils.load_model_weights(mutils.create_model(config), case_dir / "checkpoint_full.pth")
+    sub = utils.load_model_weights(mutils.create_model(sub_config),
+                                   case_dir / "checkpoint_subspace.pth")
+    return config, meta, full, sub

@@ -1,23 +1,20 @@
 """Python names of the original code, used the original way: same result, or one sentence."""
 from __future__ import annotations
 
-import functools
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_cases import CASES, case_config, expected
+from reference_cases import CASES, case_networks, expected
 from test_sampling import GaussianScoreNet
 
 import sampling
 import sde_lib
 import subspace_lib as sl
 import upsampling
-import utils
 from models import utils as mutils
-from models.subspace_model import build_subspace_model, subspace_configs
+from models.subspace_model import build_subspace_model
 from subspace_sampling import conditional_langevin
 
 # The reference's upsampling.py / models/subspace_model.py table (docs/maths.md).
@@ -113,15 +110,7 @@ def test_windowed_pc_sampler_of_the_fork():
         sampler(net, start=0.2, end=0.5)
 
 
-@functools.cache
-def _networks(case_dir):
-    config = case_config(case_dir)
-    meta = json.loads((case_dir / "meta.json").read_text())
-    (sub_config,) = subspace_configs(config, [meta["subspace_image_size"]])
-    full = utils.load_model_weights(mutils.create_model(config), case_dir / "checkpoint_full.pth")
-    sub = utils.load_model_weights(mutils.create_model(sub_config),
-                                   case_dir / "checkpoint_subspace.pth")
-    return config, meta, full, sub
+_networks = case_networks
 
 
 @pytest.fixture(params=CASES)

@@ -6,32 +6,22 @@ max|ours - expected| <= 1e-5 * max|expected|.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from reference_cases import CASES, case_config, expected
+from reference_cases import CASES, case_networks, expected
 
 import sde_lib
-import utils
 from models import utils as mutils
-from models.subspace_model import build_subspace_model, subspace_configs
+from models.subspace_model import build_subspace_model
 
 RELATIVE_TOL = 1e-5
 LEVEL_OF_BRANCH = {"full": 0, "subspace": 1}
 
 
-@functools.cache
-def _networks(case_dir: Path):
-    config = case_config(case_dir)
-    meta = json.loads((case_dir / "meta.json").read_text())
-    (sub_config,) = subspace_configs(config, [meta["subspace_image_size"]])
-    full = utils.load_model_weights(mutils.create_model(config), case_dir / "checkpoint_full.pth")
-    sub = utils.load_model_weights(mutils.create_model(sub_config),
-                                   case_dir / "checkpoint_subspace.pth")
-    return config, meta, full, sub
+_networks = case_networks
 
 
 def _wrapper(case_dir: Path, legacy: bool):
