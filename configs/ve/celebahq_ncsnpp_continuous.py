@@ -2,6 +2,7 @@
 import ml_collections
 from ml_collections import config_dict
 
+from configs.default_cifar10_configs import add_performance_fields
 from models.utils import default_device
 
 
@@ -88,4 +89,4 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     config.seed = 42
     config.device = default_device()
-    return config
+    return add_performance_fields(config)
