@@ -562,7 +562,7 @@ def probability_flow_drift(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor,
 
 def ode_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
                       t_end: float, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
-                      *, solver: str = "scipy") -> tuple[torch.Tensor, int]:
+                      *, solver: str = "torch") -> tuple[torch.Tensor, int]:
     """Integrate the probability-flow ODE from state x at t_start to t_end.
 
     Returns the state at t_end (dtype and device of x) and the number of score evaluations.
@@ -593,7 +593,7 @@ def denoise_update(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, eps: fl
 
 def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, denoise: bool = False,
                     rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
-                    eps: float = 1e-3, device=None, solver: str = "scipy") -> Callable:
+                    eps: float = 1e-3, device=None, solver: str = "torch") -> Callable:
     """A probability-flow ODE sampler `ode_sampler(model, z=None) -> (samples, nfe)`.
 
     Integrates from T (a prior sample, or the latent `z`) to eps, optionally denoises with one
@@ -620,9 +620,25 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                     eps: float, progress: bool = True) -> Callable:
     """The sampler named by `config.sampling.method` ('pc' or 'ode'), as `fn(model)`.
 
-    The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5) and
-    `sampling.ode_method` (default RK45).
+    The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5),
+    `sampling.ode_method` (default RK45) and `sampling.ode_solver` (default "torch"). The network
+    runs in `sampling.precision` (default fp32), compiled when `sampling.compile` is set
+    (`models.utils.network_options`); the sampler's own arithmetic stays in float32.
     """
+    sampler = _get_sampler(config, sde, shape, inverse_scaler, eps, progress)
+    precision = mutils.check_precision(config.sampling.get("precision", "fp32"))
+    compile_network = config.sampling.get("compile", False)
+
+    def sampling_fn(model, *args, **kwargs):
+        with mutils.network_options(precision=precision, compile=compile_network):
+            return sampler(model, *args, **kwargs)
+
+    return sampling_fn
+
+
+def _get_sampler(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, eps: float,
+                 progress: bool) -> Callable:
+    """The sampler of `get_sampling_fn`, without the network options."""
     name = config.sampling.method.lower()
     device = getattr(config, "device", None)
     if name == "ode":
@@ -631,7 +647,8 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                                rtol=config.sampling.get("rtol", 1e-5),
                                atol=config.sampling.get("atol", 1e-5),
                                method=config.sampling.get("ode_method", "RK45"),
-                               eps=eps, device=device)
+                               eps=eps, device=device,
+                               solver=config.sampling.get("ode_solver", "torch"))
     if name == "pc":
         return get_pc_sampler(sde=sde, shape=shape,
                               predictor=get_predictor(config.sampling.predictor.lower()),

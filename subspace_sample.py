@@ -84,6 +84,9 @@ def run(config) -> None:
         raise ValueError("--number_samples and --batch must be positive.")
     if FLAGS.langevin_steps < 0:
         raise ValueError(f"--langevin_steps must be >= 0; got {FLAGS.langevin_steps}.")
+    network_options = dict(
+        precision=mutils.check_precision(config.sampling.get("precision", "fp32")),
+        compile=config.sampling.get("compile", False))
     dataset = FLAGS.dataset or sl.dataset_stats_name(config)
     dataset = _FLAG_DATASETS.get(dataset.lower(), dataset)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, FLAGS.subspace, FLAGS.time,
@@ -117,16 +120,17 @@ def run(config) -> None:
         # give exactly --number_samples.
         torch.manual_seed(seed + r)
         batch = min(FLAGS.batch, FLAGS.number_samples - r * FLAGS.batch)
-        x, reports = subspace_pc_sample(
-            networks, sde, plan, config.data.centered, (batch, channels, size, size),
-            eps=eps, predictor=config.sampling.predictor, corrector=config.sampling.corrector,
-            snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
-            probability_flow=config.sampling.probability_flow,
-            continuous=config.training.continuous, denoise=config.sampling.noise_removal,
-            langevin_snr=FLAGS.langevin_snr, langevin_steps=FLAGS.langevin_steps,
-            conditional_langevin_steps=FLAGS.conditional_langevin,
-            legacy_langevin=FLAGS.legacy_langevin, device=device,
-            progress=FLAGS.progress and main)
+        with mutils.network_options(**network_options):
+            x, reports = subspace_pc_sample(
+                networks, sde, plan, config.data.centered, (batch, channels, size, size),
+                eps=eps, predictor=config.sampling.predictor, corrector=config.sampling.corrector,
+                snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
+                probability_flow=config.sampling.probability_flow,
+                continuous=config.training.continuous, denoise=config.sampling.noise_removal,
+                langevin_snr=FLAGS.langevin_snr, langevin_steps=FLAGS.langevin_steps,
+                conditional_langevin_steps=FLAGS.conditional_langevin,
+                legacy_langevin=FLAGS.legacy_langevin, device=device,
+                progress=FLAGS.progress and main)
         return evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), reports
 
     totals: list[StageReport] | None = None

@@ -87,8 +87,10 @@ def create_model(config) -> nn.Module:
     model_cls = get_model(config.model.name)
     model = model_cls(config)
     device = torch.device(getattr(config, "device", None) or default_device())
-    memory_format = resolve_memory_format(config.model.get("memory_format", "contiguous"),
-                                          device)
+    reduced = {config.training.get("precision", "fp32"),
+               config.sampling.get("precision", "fp32")} != {"fp32"}
+    memory_format = resolve_memory_format(config.model.get("memory_format", "auto"), device,
+                                          precision="bf16" if reduced else "fp32")
     return model.to(device, memory_format=memory_format)
 
 
