@@ -90,7 +90,8 @@ def create_model(config) -> nn.Module:
     reduced = {config.training.get("precision", "fp32"),
                config.sampling.get("precision", "fp32")} != {"fp32"}
     memory_format = resolve_memory_format(config.model.get("memory_format", "auto"), device,
-                                          precision="bf16" if reduced else "fp32")
+                                          precision="bf16" if reduced else "fp32",
+                                          image_size=config.data.image_size)
     return model.to(device, memory_format=memory_format)
 
 
@@ -109,20 +110,22 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def resolve_memory_format(name: str, device: torch.device | str,
-                          precision: str = "fp32") -> torch.memory_format:
+def resolve_memory_format(name: str, device: torch.device | str, precision: str = "fp32",
+                          image_size: int | None = None) -> torch.memory_format:
     """The memory format of network weights and inputs for `config.model.memory_format`.
 
-    "auto" is a fixed rule, not a run-time measurement: channels-last on CPU (oneDNN
-    convolutions, measured 1.14x faster for NCSN++ at 32x32 with equal outputs to float32
-    rounding) and on CUDA in reduced precision (tensor cores); contiguous otherwise.
+    "auto" is a fixed rule from measurements (bench/bench_networks.py), not a run-time probe:
+    channels-last on CPU for images of 32 pixels or more (oneDNN convolutions; NCSN++ at 32x32
+    1.14-1.17x faster with outputs equal to float32 rounding, while at 16 and 8 pixels it was
+    slower) and on CUDA in reduced precision (tensor cores); contiguous otherwise.
     """
     if name not in MEMORY_FORMATS:
         raise ValueError(f"Unknown memory format '{name}': set config.model.memory_format to "
                          f"one of {', '.join(MEMORY_FORMATS)}.")
     if name == "auto":
         device_type = torch.device(device).type
-        fast = device_type == "cpu" or (device_type == "cuda" and precision != "fp32")
+        large = image_size is None or image_size >= 32
+        fast = (device_type == "cpu" and large) or (device_type == "cuda" and precision != "fp32")
         name = "channels_last" if fast else "contiguous"
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
 

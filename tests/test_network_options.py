@@ -57,7 +57,7 @@ def test_channels_last_equals_contiguous_on_the_reference_cases(reference_dir, c
             model = utils.load_model_weights(mutils.create_model(config),
                                              case_dir / f"checkpoint_{which}.pth", device="cpu")
             assert mutils.model_memory_format(model) == mutils.resolve_memory_format(
-                memory_format, "cpu")
+                memory_format, "cpu", image_size=size)
             score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
             with torch.no_grad():
                 scores[memory_format] = torch.stack([score_fn(x, t) for t in e["vec_t"]])
@@ -71,6 +71,9 @@ def test_channels_last_equals_contiguous_on_the_reference_cases(reference_dir, c
 def test_auto_memory_format_is_a_fixed_rule_per_device_and_precision():
     cl, contiguous = torch.channels_last, torch.contiguous_format
     assert mutils.resolve_memory_format("auto", "cpu") == cl
+    assert mutils.resolve_memory_format("auto", "cpu", image_size=32) == cl
+    # Below 32 pixels channels-last was measured slower on CPU.
+    assert mutils.resolve_memory_format("auto", "cpu", image_size=16) == contiguous
     assert mutils.resolve_memory_format("auto", "cpu", precision="bf16") == cl
     assert mutils.resolve_memory_format("auto", "cuda") == contiguous
     assert mutils.resolve_memory_format("auto", "cuda", precision="fp16") == cl
