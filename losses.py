@@ -224,33 +224,37 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
     def step_fn(state: dict, batch: torch.Tensor,
                 generator: Generators = None) -> torch.Tensor:
         model = state["model"]
-        with mutils.network_options(precision=precision, compile=compile):
-            if train:
-                optimizer = state["optimizer"]
-                optimizer.zero_grad()
-                grad_scaler = None
-                if precision == "fp16":
-                    device_type = batch.device.type
-                    grad_scaler = grad_scalers.setdefault(
-                        device_type, torch.amp.GradScaler(device_type))
-                if grad_accum == 1 and grad_scaler is None:
-                    loss = loss_fn(model, batch, generator=generator)
-                    loss.backward()
-                else:
-                    loss = accumulate_gradients(model, batch, generator, grad_scaler)
-                scaler_kwargs = {} if grad_scaler is None else {"grad_scaler": grad_scaler}
-                optimize_fn(optimizer, model.parameters(), step=state["step"], **scaler_kwargs)
-                state["step"] += 1
-                state["ema"].update(model.parameters())
+        if train:
+            optimizer = state["optimizer"]
+            optimizer.zero_grad()
+            grad_scaler = None
+            if precision == "fp16":
+                if batch.device.type not in grad_scalers:
+                    grad_scalers[batch.device.type] = torch.amp.GradScaler(batch.device.type)
+                grad_scaler = grad_scalers[batch.device.type]
+            if grad_accum == 1 and grad_scaler is None:
+                loss = loss_fn(model, batch, generator=generator)
+                loss.backward()
             else:
-                with torch.no_grad():
-                    ema = state["ema"]
-                    ema.store(model.parameters())
-                    ema.copy_to(model.parameters())
-                    try:
-                        loss = loss_fn(model, batch, generator=generator)
-                    finally:
-                        ema.restore(model.parameters())
+                loss = accumulate_gradients(model, batch, generator, grad_scaler)
+            scaler_kwargs = {} if grad_scaler is None else {"grad_scaler": grad_scaler}
+            optimize_fn(optimizer, model.parameters(), step=state["step"], **scaler_kwargs)
+            state["step"] += 1
+            state["ema"].update(model.parameters())
+        else:
+            with torch.no_grad():
+                ema = state["ema"]
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+                try:
+                    loss = loss_fn(model, batch, generator=generator)
+                finally:
+                    ema.restore(model.parameters())
         return loss
 
-    return step_fn
+    def step_with_network_options(state: dict, batch: torch.Tensor,
+                                  generator: Generators = None) -> torch.Tensor:
+        with mutils.network_options(precision=precision, compile=compile):
+            return step_fn(state, batch, generator=generator)
+
+    return step_with_network_options

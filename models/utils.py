@@ -87,11 +87,12 @@ def create_model(config) -> nn.Module:
     model_cls = get_model(config.model.name)
     model = model_cls(config)
     device = torch.device(getattr(config, "device", None) or default_device())
-    reduced = {config.training.get("precision", "fp32"),
-               config.sampling.get("precision", "fp32")} != {"fp32"}
+    # Configs written for the original code (or by hand) may lack these fields: defaults apply.
+    precisions = {config.get(section, {}).get("precision", "fp32")
+                  for section in ("training", "sampling")}
     memory_format = resolve_memory_format(config.model.get("memory_format", "auto"), device,
-                                          precision="bf16" if reduced else "fp32",
-                                          image_size=config.data.image_size)
+                                          precision="fp32" if precisions == {"fp32"} else "bf16",
+                                          image_size=config.data.get("image_size"))
     return model.to(device, memory_format=memory_format)
 
 
@@ -104,9 +105,8 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 def check_precision(precision: str) -> str:
     """`precision` if it is one of PRECISIONS, else a ValueError of one sentence."""
     if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision '{precision}': choose one of "
-                         f"{', '.join(PRECISIONS)} (config.training.precision, "
-                         "config.sampling.precision or --precision).")
+        raise ValueError(f"Unknown precision '{precision}': set config.training.precision or "
+                         f"config.sampling.precision to one of {', '.join(PRECISIONS)}.")
     return precision
 
 
@@ -197,8 +197,8 @@ def run_network(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torc
     """`model(x, labels)` with the current `network_options` and the model's memory format.
 
     The input is laid out like the model's weights (channels-last after `create_model` on CPU),
-    the forward pass runs under autocast when a reduced precision is in force, and the output
-    comes back contiguous in x's dtype.
+    the forward pass runs under autocast when a reduced precision is in force (the output then
+    comes back in x's dtype), and the output comes back in the default contiguous layout.
     """
     options = current_network_options()
     channels_last = x.dim() == 4 and model_memory_format(model) is torch.channels_last

@@ -115,9 +115,8 @@ def test_unknown_precision_is_one_sentence():
     with pytest.raises(ValueError) as info:
         with mutils.network_options(precision="fp8"):
             pass
-    assert str(info.value) == ("Unknown precision 'fp8': choose one of fp32, bf16, fp16 "
-                               "(config.training.precision, config.sampling.precision or "
-                               "--precision).")
+    assert str(info.value) == ("Unknown precision 'fp8': set config.training.precision or "
+                               "config.sampling.precision to one of fp32, bf16, fp16.")
     with pytest.raises(ValueError, match="Unknown precision 'half'"):
         losses.get_step_fn(sde_lib.subVPSDE(), train=False, precision="half")
 
