@@ -50,7 +50,8 @@ def _as_score_fn(sde: sde_lib.SDE, model_or_score_fn) -> Callable:
 
 def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
                       hutchinson_type: str = "Rademacher", rtol: float = 1e-5, atol: float = 1e-5,
-                      method: str = "RK45", eps: float = 1e-5, solver: str = "torch") -> Callable:
+                      method: str = "RK45", eps: float = 1e-5, solver: str = "torch",
+                      precision: str = "fp32") -> Callable:
     """A function `likelihood_fn(model_or_score_fn, data) -> (bpd, z, nfe)`.
 
     `model_or_score_fn` is a score network (or any nn.Module with forward(x, labels), such as the
@@ -59,7 +60,12 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
     negative log-likelihood in bits per dimension of 8-bit data, z the latent at T and nfe the
     number of ODE right-hand-side evaluations (one score evaluation and one vector-Jacobian
     product each). An optional `generator` draws the Hutchinson noise.
+
+    The network runs in `precision`, fp32 unless asked: an enclosing reduced-precision block
+    (`models.utils.network_options`, e.g. a bf16 sampler) does not reach the likelihood. The ODE
+    state and the divergence estimate are float64/data dtype in any case.
     """
+    mutils.check_precision(precision)
     if hutchinson_type not in ("Gaussian", "Rademacher"):
         raise ValueError(f"Unknown Hutchinson noise '{hutchinson_type}': choose 'Gaussian' or "
                          "'Rademacher'.")
@@ -86,7 +92,7 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
             div = torch.sum(vjp * noise, dim=tuple(range(1, data.dim())))
             return torch.cat([drift.detach().reshape(-1), div.reshape(-1)]).to(torch.float64)
 
-        with torch.no_grad():
+        with torch.no_grad(), mutils.network_options(precision=precision):
             init = torch.cat([data.reshape(-1).to(torch.float64),
                               torch.zeros(batch, dtype=torch.float64, device=data.device)])
             solution, nfe = solve_ode(ode_func, eps, sde.T, init, rtol=rtol, atol=atol,

@@ -2,6 +2,7 @@
 SMLD and DDPM losses, the Adam optimiser with warm-up and clipping, and the one-step function."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Sequence
 
@@ -24,19 +25,28 @@ def get_optimizer(config, params: Iterable[torch.Tensor]) -> optim.Optimizer:
 
 
 def optimization_manager(config) -> Callable:
-    """An `optimize_fn(optimizer, params, step, lr, warmup, grad_clip)` that sets the learning rate
-    to lr * min(step / warmup, 1) (lr itself when warmup is 0), clips the gradient norm to
-    grad_clip when grad_clip >= 0, and takes one optimizer step. Defaults from `config.optim`."""
+    """An `optimize_fn(optimizer, params, step, lr, warmup, grad_clip, grad_scaler=None)` that
+    sets the learning rate to lr * min(step / warmup, 1) (lr itself when warmup is 0), clips the
+    gradient norm to grad_clip when grad_clip >= 0, and takes one optimizer step (through
+    `grad_scaler` for fp16 loss scaling). Defaults from `config.optim`."""
 
     def optimize_fn(optimizer: optim.Optimizer, params: Iterable[torch.Tensor], step: int,
                     lr: float = config.optim.lr, warmup: int = config.optim.warmup,
-                    grad_clip: float = config.optim.grad_clip) -> None:
+                    grad_clip: float = config.optim.grad_clip,
+                    grad_scaler: torch.amp.GradScaler | None = None) -> None:
         # Always set the rate, so a resumed optimizer follows the config, not the checkpoint.
         for group in optimizer.param_groups:
             group["lr"] = lr * min(step / warmup, 1.0) if warmup > 0 else lr
+        if grad_scaler is not None:
+            # fp16 loss scaling: clip the true gradients; skip the step if they overflowed.
+            grad_scaler.unscale_(optimizer)
         if grad_clip >= 0:
             torch.nn.utils.clip_grad_norm_(list(params), max_norm=grad_clip)
-        optimizer.step()
+        if grad_scaler is None:
+            optimizer.step()
+        else:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
 
     return optimize_fn
 
@@ -149,7 +159,8 @@ def get_ddpm_loss_fn(vpsde: VPSDE, train: bool, reduce_mean: bool = True) -> Cal
 
 def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = None,
                 reduce_mean: bool = False, continuous: bool = True,
-                likelihood_weighting: bool = False) -> Callable:
+                likelihood_weighting: bool = False, precision: str = "fp32",
+                grad_accum: int = 1, compile: bool | str = False) -> Callable:
     """A function `step_fn(state, batch, generator=None) -> loss` for one training/eval step
     (`generator`: one generator, or one per example; see `get_sde_loss_fn`).
 
@@ -157,7 +168,17 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
     Training computes the loss, back-propagates, calls `optimize_fn` at the current step,
     increments `state['step']` and updates the EMA; evaluation computes the loss under no_grad
     with the EMA weights swapped in, then restores the raw weights.
+
+    `precision` ("fp32", "bf16", "fp16") and `compile` apply to the network calls only
+    (`models.utils.network_options`); fp16 training scales the loss (`torch.amp.GradScaler`).
+    `grad_accum` = k splits the batch into k equal micro-batches whose gradients add up to the
+    whole batch's (the losses are means over examples), so the update is the same to float
+    rounding when every example has its own generator; the returned loss is the whole batch's.
     """
+    mutils.check_precision(precision)
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"Gradient accumulation needs a positive whole number of micro-batches, "
+                         f"not {grad_accum!r}: set config.training.grad_accum to 1 or more.")
     if continuous:
         loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
                                   likelihood_weighting=likelihood_weighting)
@@ -176,15 +197,48 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
         raise ValueError("A training step needs an optimize_fn: pass "
                          "losses.optimization_manager(config).")
 
+    grad_scalers: dict[str, torch.amp.GradScaler] = {}
+
+    def accumulate_gradients(model: nn.Module, batch: torch.Tensor, generator: Generators,
+                             grad_scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        """Back-propagate the batch's mean loss in `grad_accum` micro-batches; return it."""
+        size = batch.shape[0]
+        if size % grad_accum:
+            raise ValueError(f"A batch of {size} does not split into {grad_accum} equal "
+                             "micro-batches: make config.training.batch_size (per process) a "
+                             "multiple of config.training.grad_accum.")
+        micro = size // grad_accum
+        total = torch.zeros((), device=batch.device)
+        for i in range(grad_accum):
+            part = slice(i * micro, (i + 1) * micro)
+            gens = generator if generator is None or isinstance(generator, torch.Generator) \
+                else generator[part]
+            # DistributedDataParallel: reduce the gradients once, after the last micro-batch.
+            sync = i == grad_accum - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                loss = loss_fn(model, batch[part], generator=gens) / grad_accum
+                (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
+            total += loss.detach()
+        return total
+
     def step_fn(state: dict, batch: torch.Tensor,
                 generator: Generators = None) -> torch.Tensor:
         model = state["model"]
         if train:
             optimizer = state["optimizer"]
             optimizer.zero_grad()
-            loss = loss_fn(model, batch, generator=generator)
-            loss.backward()
-            optimize_fn(optimizer, model.parameters(), step=state["step"])
+            grad_scaler = None
+            if precision == "fp16":
+                if batch.device.type not in grad_scalers:
+                    grad_scalers[batch.device.type] = torch.amp.GradScaler(batch.device.type)
+                grad_scaler = grad_scalers[batch.device.type]
+            if grad_accum == 1 and grad_scaler is None:
+                loss = loss_fn(model, batch, generator=generator)
+                loss.backward()
+            else:
+                loss = accumulate_gradients(model, batch, generator, grad_scaler)
+            scaler_kwargs = {} if grad_scaler is None else {"grad_scaler": grad_scaler}
+            optimize_fn(optimizer, model.parameters(), step=state["step"], **scaler_kwargs)
             state["step"] += 1
             state["ema"].update(model.parameters())
         else:
@@ -192,4 +246,9 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
                 loss = loss_fn(model, batch, generator=generator)
         return loss
 
-    return step_fn
+    def step_with_network_options(state: dict, batch: torch.Tensor,
+                                  generator: Generators = None) -> torch.Tensor:
+        with mutils.network_options(precision=precision, compile=compile):
+            return step_fn(state, batch, generator=generator)
+
+    return step_with_network_options

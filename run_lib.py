@@ -192,8 +192,11 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     optimize_fn = losses.optimization_manager(config)
     step_kwargs = dict(sde=sde, optimize_fn=optimize_fn, reduce_mean=config.training.reduce_mean,
                        continuous=config.training.continuous,
-                       likelihood_weighting=config.training.likelihood_weighting)
-    train_step_fn = losses.get_step_fn(train=True, **step_kwargs)
+                       likelihood_weighting=config.training.likelihood_weighting,
+                       precision=config.training.get("precision", "fp32"),
+                       compile=config.training.get("compile", False))
+    train_step_fn = losses.get_step_fn(train=True, grad_accum=config.training.get("grad_accum", 1),
+                                       **step_kwargs)
     eval_step_fn = losses.get_step_fn(train=False, **step_kwargs)
 
     sampling_fn = None

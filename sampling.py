@@ -616,7 +616,7 @@ def probability_flow_drift(sde: sde_lib.SDE, score_fn: ScoreFn, x: torch.Tensor,
 
 def ode_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
                       t_end: float, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
-                      *, solver: str = "scipy") -> tuple[torch.Tensor, int]:
+                      *, solver: str = "torch") -> tuple[torch.Tensor, int]:
     """Integrate the probability-flow ODE from state x at t_start to t_end.
 
     Returns the state at t_end (dtype and device of x) and the number of score evaluations.
@@ -647,7 +647,7 @@ def denoise_update(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, eps: fl
 
 def get_ode_sampler(sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, denoise: bool = False,
                     rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
-                    eps: float = 1e-3, device=None, solver: str = "scipy") -> Callable:
+                    eps: float = 1e-3, device=None, solver: str = "torch") -> Callable:
     """A probability-flow ODE sampler `ode_sampler(model, z=None) -> (samples, nfe)`.
 
     Integrates from T (a prior sample, or the latent `z`) to eps, optionally denoises with one
@@ -706,12 +706,28 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
     (N = model.num_scales steps), 'ode' (adaptive RK45), or the few-step solvers 'heun',
     'dpm_solver', 'ddim' (`get_solver_sampler`).
 
-    The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5) and
-    `sampling.ode_method` (default RK45); the solvers read `sampling.steps`,
-    `sampling.schedule` and their options (`solvers.solver_options`). `denoise` (default
-    `sampling.noise_removal`) and `score_fn` (PC only: a score function replacing the model's)
-    are the subspace-diffusion code's keywords.
+    The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5),
+    `sampling.ode_method` (default RK45) and `sampling.ode_solver` (default "torch"); the solvers
+    read `sampling.steps`, `sampling.schedule` and their options (`solvers.solver_options`). The
+    network runs in `sampling.precision` (default fp32), compiled when `sampling.compile` is set
+    (`models.utils.network_options`); the sampler's own arithmetic stays in float32. `denoise`
+    (default `sampling.noise_removal`) and `score_fn` (PC only: a score function replacing the
+    model's) are the subspace-diffusion code's keywords.
     """
+    sampler = _get_sampler(config, sde, shape, inverse_scaler, eps, progress, denoise, score_fn)
+    precision = mutils.check_precision(config.sampling.get("precision", "fp32"))
+    compile_network = config.sampling.get("compile", False)
+
+    def sampling_fn(model, *args, **kwargs):
+        with mutils.network_options(precision=precision, compile=compile_network):
+            return sampler(model, *args, **kwargs)
+
+    return sampling_fn
+
+
+def _get_sampler(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler, eps: float,
+                 progress: bool, denoise: bool | None, score_fn: ScoreFn | None) -> Callable:
+    """The sampler of `get_sampling_fn`, without the network options."""
     name = config.sampling.method.lower()
     device = getattr(config, "device", None)
     if denoise is None:
@@ -736,7 +752,8 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                                rtol=config.sampling.get("rtol", 1e-5),
                                atol=config.sampling.get("atol", 1e-5),
                                method=config.sampling.get("ode_method", "RK45"),
-                               eps=eps, device=device)
+                               eps=eps, device=device,
+                               solver=config.sampling.get("ode_solver", "torch"))
     if name == "pc":
         return get_pc_sampler(sde=sde, shape=shape,
                               predictor=get_predictor(config.sampling.predictor.lower()),

@@ -127,6 +127,9 @@ def run(config) -> None:
     from utils import atomic_numpy_save, load_model_weights
 
     sizes, times, ckpts = check_flags(config.data.image_size)
+    network_options = dict(
+        precision=mutils.check_precision(config.sampling.get("precision", "fp32")),
+        compile=config.sampling.get("compile", False))
     steps = FLAGS.steps if FLAGS.steps is not None else config.sampling.get("steps")
     if FLAGS.sampler in solvers.SOLVERS:
         solvers.full_steps(FLAGS.sampler, steps, config.sampling.noise_removal)  # checks steps
@@ -151,7 +154,7 @@ def run(config) -> None:
                     "langevin_steps": FLAGS.langevin_steps,
                     "conditional_langevin": FLAGS.conditional_langevin,
                     "legacy_langevin": FLAGS.legacy_langevin, "legacy": FLAGS.legacy,
-                    "method": FLAGS.sampler, "steps": steps},
+                    "method": FLAGS.sampler, "steps": steps, **network_options},
         "seed": seed, "batch": FLAGS.batch}
     problem = distributed.broadcast_from_main(
         sample_settings.settings_problem(path, settings, path.is_file()) if main else None)
@@ -185,29 +188,30 @@ def run(config) -> None:
         # give exactly --number_samples.
         torch.manual_seed(seed + r)
         batch = min(FLAGS.batch, FLAGS.number_samples - r * FLAGS.batch)
-        common = dict(continuous=config.training.continuous,
-                      denoise=config.sampling.noise_removal, langevin_snr=FLAGS.langevin_snr,
-                      langevin_steps=FLAGS.langevin_steps,
-                      conditional_langevin_steps=FLAGS.conditional_langevin,
-                      legacy_langevin=FLAGS.legacy_langevin, device=device,
-                      progress=FLAGS.progress and main)
-        shape = (batch, channels, size, size)
-        if FLAGS.sampler == "pc":
-            x, reports = subspace_pc_sample(
-                networks, sde, plan, config.data.centered, shape, eps=eps,
-                predictor=config.sampling.predictor, corrector=config.sampling.corrector,
-                snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
-                probability_flow=config.sampling.probability_flow, legacy=FLAGS.legacy,
-                **common)
-        else:
-            options = (solvers.solver_options(FLAGS.sampler, config.sampling)
-                       if FLAGS.sampler in solvers.SOLVERS else
-                       dict(rtol=config.sampling.get("rtol", 1e-5),
-                            atol=config.sampling.get("atol", 1e-5)))
-            x, reports = subspace_solver_sample(
-                networks, sde, plan, config.data.centered, shape, eps=eps,
-                method=FLAGS.sampler, steps=steps, schedule=config.sampling.get("schedule"),
-                **options, **common)
+        with mutils.network_options(**network_options):
+            common = dict(continuous=config.training.continuous,
+                          denoise=config.sampling.noise_removal, langevin_snr=FLAGS.langevin_snr,
+                          langevin_steps=FLAGS.langevin_steps,
+                          conditional_langevin_steps=FLAGS.conditional_langevin,
+                          legacy_langevin=FLAGS.legacy_langevin, device=device,
+                          progress=FLAGS.progress and main)
+            shape = (batch, channels, size, size)
+            if FLAGS.sampler == "pc":
+                x, reports = subspace_pc_sample(
+                    networks, sde, plan, config.data.centered, shape, eps=eps,
+                    predictor=config.sampling.predictor, corrector=config.sampling.corrector,
+                    snr=config.sampling.snr, n_steps_each=config.sampling.n_steps_each,
+                    probability_flow=config.sampling.probability_flow, legacy=FLAGS.legacy,
+                    **common)
+            else:
+                options = (solvers.solver_options(FLAGS.sampler, config.sampling)
+                           if FLAGS.sampler in solvers.SOLVERS else
+                           dict(rtol=config.sampling.get("rtol", 1e-5),
+                                atol=config.sampling.get("atol", 1e-5)))
+                x, reports = subspace_solver_sample(
+                    networks, sde, plan, config.data.centered, shape, eps=eps,
+                    method=FLAGS.sampler, steps=steps, schedule=config.sampling.get("schedule"),
+                    **options, **common)
         return evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), reports
 
     totals: list[StageReport] | None = None

@@ -76,4 +76,21 @@ def get_default_configs() -> ml_collections.ConfigDict:
     config.seed = 42
     # None: the device is chosen where the config is used (models.utils.config_device).
     config.device = None
+    return add_performance_fields(config)
+
+
+def add_performance_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add the fields of this project that choose how networks run, with defaults that keep
+    fp32 results: memory format, precision, compilation, gradient accumulation."""
+    # auto: channels-last on CPU, and on CUDA in reduced precision; or contiguous, channels_last.
+    config.model.memory_format = "auto"
+    # Network forward/backward in fp32, bf16 or fp16 (autocast; fp16 training scales the loss).
+    config.training.precision = "fp32"
+    # Split each batch into this many micro-batches: the same update with less memory.
+    config.training.grad_accum = 1
+    # torch.compile the network (worth it on GPUs).
+    config.training.compile = False
+    # Sampling networks in fp32, bf16 or fp16; likelihoods run in fp32 unless asked.
+    config.sampling.precision = "fp32"
+    config.sampling.compile = False
     return config

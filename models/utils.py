@@ -1,7 +1,11 @@
 """Model registry, construction, and the conversion of a network into a score function."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -79,7 +83,8 @@ def config_device(config) -> torch.device:
 
 
 def create_model(config, subspace: bool = False) -> nn.Module:
-    """Build the network `config.model.name` on `config_device(config)` (no DataParallel).
+    """Build the network `config.model.name` on `config_device(config)` (no DataParallel), in
+    the memory format `config.model.memory_format` selects (`resolve_memory_format`).
 
     `subspace=True` (the subspace-diffusion code's wrapper, configured by absl flags there) is
     refused with the name of its replacement.
@@ -91,18 +96,144 @@ def create_model(config, subspace: bool = False) -> nn.Module:
             "sizes, cutoffs, dataset) or build_subspace_model(...) instead.")
     model_cls = get_model(config.model.name)
     model = model_cls(config)
-    return model.to(config_device(config))
+    device = config_device(config)
+    # Configs written for the original code (or by hand) may lack these fields: defaults apply.
+    precisions = {config.get(section, {}).get("precision", "fp32")
+                  for section in ("training", "sampling")}
+    memory_format = resolve_memory_format(config.model.get("memory_format", "auto"), device,
+                                          precision="fp32" if precisions == {"fp32"} else "bf16",
+                                          image_size=config.data.get("image_size"))
+    return model.to(device, memory_format=memory_format)
+
+
+# How a network is evaluated: memory format, reduced precision, compilation.
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of PRECISIONS, else a ValueError of one sentence."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision '{precision}': set config.training.precision or "
+                         f"config.sampling.precision to one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def resolve_memory_format(name: str, device: torch.device | str, precision: str = "fp32",
+                          image_size: int | None = None) -> torch.memory_format:
+    """The memory format of network weights and inputs for `config.model.memory_format`.
+
+    "auto" is a fixed rule from measurements (bench/bench_networks.py), not a run-time probe:
+    channels-last on CPU for images of 32 pixels or more (oneDNN convolutions; NCSN++ at 32x32
+    1.14-1.17x faster with outputs equal to float32 rounding, while at 16 and 8 pixels it was
+    slower) and on CUDA in reduced precision (tensor cores); contiguous otherwise.
+    """
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"Unknown memory format '{name}': set config.model.memory_format to "
+                         f"one of {', '.join(MEMORY_FORMATS)}.")
+    if name == "auto":
+        device_type = torch.device(device).type
+        large = image_size is None or image_size >= 32
+        fast = (device_type == "cpu" and large) or (device_type == "cuda" and precision != "fp32")
+        name = "channels_last" if fast else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's first convolution weight is stored channels-last (see
+    `create_model`), else contiguous_format."""
+    for param in model.parameters():
+        if param.dim() == 4 and param.shape[-1] * param.shape[-2] > 1:
+            if not param.is_contiguous() and param.is_contiguous(
+                    memory_format=torch.channels_last):
+                return torch.channels_last
+            return torch.contiguous_format
+    return torch.contiguous_format
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkOptions:
+    """Reduced precision and compilation of the network calls made through `get_model_fn`.
+
+    precision: "fp32", "bf16" or "fp16": autocast of the network's forward pass only; its output
+    is returned in the input's dtype, so everything around the network (SDE arithmetic, solver
+    states, divergence estimates) stays in float32/float64. compile: False, True (the default
+    `torch.compile` backend) or a backend name; the compiled module is cached per network and
+    the network itself (and its state_dict keys) is unchanged.
+    """
+
+    precision: str = "fp32"
+    compile: bool | str = False
+
+
+_DEFAULT_OPTIONS = NetworkOptions()
+_NETWORK_OPTIONS: contextvars.ContextVar[NetworkOptions | None] = contextvars.ContextVar(
+    "network_options", default=None)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def network_options(precision: str | None = None,
+                    compile: bool | str | None = None) -> Iterator[NetworkOptions]:
+    """Within the block, network calls through `get_model_fn` use these options (None keeps the
+    enclosing block's value; outside any block: fp32, not compiled)."""
+    current = current_network_options()
+    options = NetworkOptions(
+        precision=current.precision if precision is None else check_precision(precision),
+        compile=current.compile if compile is None else compile)
+    token = _NETWORK_OPTIONS.set(options)
+    try:
+        yield options
+    finally:
+        _NETWORK_OPTIONS.reset(token)
+
+
+def current_network_options() -> NetworkOptions:
+    """The options in force for network calls here (see `network_options`)."""
+    return _NETWORK_OPTIONS.get() or _DEFAULT_OPTIONS
+
+
+def _compiled(model: nn.Module, backend: bool | str) -> nn.Module:
+    """`torch.compile(model)`, built once per network and backend, on first use."""
+    backend_name = "inductor" if backend is True else str(backend)
+    per_model = _COMPILED.setdefault(model, {})
+    if backend_name not in per_model:
+        per_model[backend_name] = torch.compile(model, backend=backend_name)
+    return per_model[backend_name]
+
+
+def run_network(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`model(x, labels)` with the current `network_options` and the model's memory format.
+
+    The input is laid out like the model's weights (channels-last after `create_model` on CPU),
+    the forward pass runs under autocast when a reduced precision is in force (the output then
+    comes back in x's dtype), and the output comes back in the default contiguous layout.
+    """
+    options = current_network_options()
+    channels_last = x.dim() == 4 and model_memory_format(model) is torch.channels_last
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    network = _compiled(model, options.compile) if options.compile else model
+    dtype = PRECISIONS[options.precision]
+    if dtype is None:
+        output = network(x, labels)
+    else:
+        with torch.autocast(device_type=x.device.type, dtype=dtype):
+            output = network(x, labels).to(x.dtype)
+    return output.contiguous() if channels_last else output
 
 
 def get_model_fn(model: nn.Module, train: bool = False) -> Callable:
-    """A function (x, labels) -> network output, with the model in train or eval mode."""
+    """A function (x, labels) -> network output, with the model in train or eval mode, evaluated
+    by `run_network` (memory format, precision and compilation in force)."""
 
     def model_fn(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if train:
             model.train()
         else:
             model.eval()
-        return model(x, labels)
+        return run_network(model, x, labels)
 
     return model_fn
 

@@ -20,7 +20,9 @@ CONFIGS = ROOT / "configs"
 SECTIONS = ("data", "model", "training", "sampling", "eval", "optim")
 # Fields this project adds to the original configs.
 ADDED_FIELDS = {("data", "root"), ("eval", "bpd_num_images"), ("sampling", "steps"),
-                ("sampling", "schedule"), ("sampling", "churn"), ("sampling", "eta")}
+                ("sampling", "schedule"), ("sampling", "churn"), ("sampling", "eta"),
+                ("model", "memory_format"), ("training", "precision"), ("training", "grad_accum"),
+                ("training", "compile"), ("sampling", "precision"), ("sampling", "compile")}
 
 
 def _config_modules() -> list[str]:
@@ -84,6 +86,12 @@ def test_config_loads_with_sections_device_and_root(name):
         assert isinstance(config.get(section), ml_collections.ConfigDict), section
     assert config.device is None and config_device(config) == default_device()
     assert "root" in config.data and config.data.root is None
+    if hasattr(importlib.import_module(name), "get_config"):
+        # Every runnable config can choose how its networks run; the defaults keep fp32.
+        assert config.model.memory_format == "auto"
+        assert (config.training.precision, config.sampling.precision) == ("fp32", "fp32")
+        assert (config.training.grad_accum, config.training.compile) == (1, False)
+        assert config.sampling.compile is False
     for field in ("dataset", "image_size", "num_channels", "centered"):
         assert field in config.data, field
     assert config.model.num_scales > 0 and config.model.sigma_min > 0

@@ -113,6 +113,13 @@ def test_bad_input_is_one_sentence(checkpoints, tmp_path):
     assert result.returncode == 1
     assert "python -m analysis.rmsd" in result.stderr
     assert not (tmp_path / "x.npy").exists()
+    result = run_cli("--subspace", "16", "--time", "0.5", "--ckpt_subspace", str(checkpoints[16]),
+                     "--ckpt_full", str(checkpoints[32]), "--config.sampling.precision", "fp8",
+                     "--eval_folder", str(tmp_path), "--save_name", "x")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: Unknown precision 'fp8': set config.training.precision or "
+        "config.sampling.precision to one of fp32, bf16, fp16.")
 
 
 def test_inpainting_grid_over_cutoff_times(checkpoints, tmp_path):

@@ -2,6 +2,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from configs.default_cifar10_configs import add_performance_fields
+
 
 def get_config() -> ml_collections.ConfigDict:
     """A self-contained CelebAHQ 1024x1024 config (no defaults module), VE SDE with 2000 scales."""
@@ -87,4 +89,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 42
     # None: the device is chosen where the config is used (models.utils.config_device).
     config.device = None
-    return config
+    return add_performance_fields(config)

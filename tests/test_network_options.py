@@ -1,0 +1,315 @@
+"""How networks run: channels-last memory format, reduced precision around the network only,
+torch.compile, gradient accumulation, fp16 loss scaling; all on tiny shapes on the CPU."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+from reference_cases import CASES, case_config, expected
+
+import demo_lib
+import evaluation
+import likelihood
+import losses
+import sampling
+import sde_lib
+import utils
+from models import utils as mutils
+from models.ema import ExponentialMovingAverage
+
+RELATIVE_TOL = 1e-5
+
+
+def _max_relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@functools.cache
+def demo_network(size: int, memory_format: str = "auto") -> tuple[torch.nn.Module, object]:
+    """The committed demo EMA network at `size` (sub-VP DDPM++, nf 16) and its config."""
+    path = demo_lib.builtin_checkpoint_path(size)
+    if not path.is_file():
+        pytest.skip(f"no committed demo checkpoint at {path}")
+    config = demo_lib.demo_config(size, demo_lib.DemoSettings.for_mode("quick"),
+                                  device=torch.device("cpu"))
+    config.model.memory_format = memory_format
+    return utils.load_model_weights(mutils.create_model(config), path, device="cpu"), config
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory format
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_channels_last_equals_contiguous_on_the_reference_cases(reference_dir, case):
+    case_dir = reference_dir / case
+    e = expected(case_dir)
+    sde, _ = sde_lib.get_sde(case_config(case_dir, 32))
+    for size, x, key in ((32, e["x"], "score_full"), (16, e["x_sub"], "score_sub")):
+        which = "full" if size == 32 else "subspace"
+        scores = {}
+        for memory_format in ("contiguous", "channels_last"):
+            config = case_config(case_dir, size)
+            config.model.memory_format = memory_format
+            model = utils.load_model_weights(mutils.create_model(config),
+                                             case_dir / f"checkpoint_{which}.pth", device="cpu")
+            assert mutils.model_memory_format(model) == mutils.resolve_memory_format(
+                memory_format, "cpu", image_size=size)
+            score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+            with torch.no_grad():
+                scores[memory_format] = torch.stack([score_fn(x, t) for t in e["vec_t"]])
+        fast = scores["channels_last"]
+        assert fast.is_contiguous(), "outputs must come back in the default layout"
+        for i in range(len(e["vec_t"])):
+            assert _max_relative(fast[i], scores["contiguous"][i]) <= RELATIVE_TOL, (key, i)
+            assert _max_relative(fast[i], e[key][i]) <= RELATIVE_TOL, (key, i)
+
+
+def test_auto_memory_format_is_a_fixed_rule_per_device_and_precision():
+    cl, contiguous = torch.channels_last, torch.contiguous_format
+    assert mutils.resolve_memory_format("auto", "cpu") == cl
+    assert mutils.resolve_memory_format("auto", "cpu", image_size=32) == cl
+    # Below 32 pixels channels-last was measured slower on CPU.
+    assert mutils.resolve_memory_format("auto", "cpu", image_size=16) == contiguous
+    assert mutils.resolve_memory_format("auto", "cpu", precision="bf16") == cl
+    assert mutils.resolve_memory_format("auto", "cuda") == contiguous
+    assert mutils.resolve_memory_format("auto", "cuda", precision="fp16") == cl
+    assert mutils.resolve_memory_format("contiguous", "cpu") == contiguous
+    assert mutils.resolve_memory_format("channels_last", "cuda") == cl
+    with pytest.raises(ValueError) as info:
+        mutils.resolve_memory_format("nhwc", "cpu")
+    assert str(info.value) == ("Unknown memory format 'nhwc': set config.model.memory_format to "
+                               "one of auto, contiguous, channels_last.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduced precision
+
+
+def test_reduced_precision_runs_the_network_only_and_returns_float32():
+    model, _ = demo_network(8)
+    fn = mutils.get_model_fn(model, train=False)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([5.0, 200.0, 500.0, 900.0])
+    with torch.no_grad():
+        ref = fn(x, labels)
+        for precision, bound in (("bf16", 3e-2), ("fp16", 1e-1)):
+            with mutils.network_options(precision=precision) as options:
+                assert options.precision == precision
+                low = fn(x, labels)
+            assert low.dtype == torch.float32
+            error = _max_relative(low, ref)
+            assert 0 < error < bound, (precision, error)
+        # Nested blocks inherit what they do not set; leaving a block restores fp32.
+        with mutils.network_options(precision="bf16"):
+            with mutils.network_options(compile=False):
+                assert mutils.current_network_options().precision == "bf16"
+        assert mutils.current_network_options() == mutils.NetworkOptions()
+        assert torch.equal(fn(x, labels), ref)
+
+
+def test_unknown_precision_is_one_sentence():
+    with pytest.raises(ValueError) as info:
+        with mutils.network_options(precision="fp8"):
+            pass
+    assert str(info.value) == ("Unknown precision 'fp8': set config.training.precision or "
+                               "config.sampling.precision to one of fp32, bf16, fp16.")
+    with pytest.raises(ValueError, match="Unknown precision 'half'"):
+        losses.get_step_fn(sde_lib.subVPSDE(), train=False, precision="half")
+
+
+def test_bits_per_dim_stay_fp32_inside_a_reduced_precision_block():
+    model, config = demo_network(8)
+    sde, _ = sde_lib.get_sde(config)
+    data = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    scaler = lambda x: 2 * x - 1  # noqa: E731  (the sub-VP demo data are centred)
+    inverse_scaler = lambda x: (x + 1) / 2  # noqa: E731
+
+    def bpd(precision: str | None = None, outer: str | None = None) -> torch.Tensor:
+        kwargs = {} if precision is None else {"precision": precision}
+        fn = likelihood.get_likelihood_fn(sde, inverse_scaler, rtol=1e-2, atol=1e-2, **kwargs)
+        with mutils.network_options(precision=outer):
+            return fn(model, scaler(data), generator=torch.Generator().manual_seed(2))[0]
+
+    fp32 = bpd()
+    assert torch.equal(bpd(outer="bf16"), fp32)
+    asked = bpd(precision="bf16")
+    assert not torch.equal(asked, fp32) and torch.allclose(asked, fp32, rtol=2e-2)
+
+
+def test_sampling_precision_from_the_config_reaches_the_network_only():
+    model, config = demo_network(8)
+    sde, eps = sde_lib.get_sde(config)
+    config.sampling.method = "ode"
+    config.sampling.update(rtol=1e-2, atol=1e-2)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, labels):
+            seen.append((mutils.current_network_options().precision, x.dtype))
+            return model(x, labels)
+
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for precision in ("fp32", "bf16"):
+        config.sampling.precision = precision
+        fn = sampling.get_sampling_fn(config, sde, (2, 3, 8, 8), lambda x: x, eps,
+                                      progress=False)
+        seen.clear()
+        results[precision], nfe = fn(Probe(), z=z)
+        assert nfe == len(seen) and {s for s in seen} == {(precision, torch.float32)}
+    assert results["bf16"].dtype == torch.float32
+    assert 0 < _max_relative(results["bf16"], results["fp32"]) < 0.1
+    config.sampling.precision = "float8"
+    with pytest.raises(ValueError, match="Unknown precision 'float8'"):
+        sampling.get_sampling_fn(config, sde, (2, 3, 8, 8), lambda x: x, eps)
+
+
+def test_ode_sampler_defaults_to_the_torch_solver():
+    import inspect
+
+    for fn in (sampling.ode_sample_window, sampling.get_ode_sampler):
+        assert inspect.signature(fn).parameters["solver"].default == "torch"
+
+
+def _bootstrap_fid_std(features: np.ndarray, stats: dict, draws: int, seed: int) -> float:
+    """Standard deviation of the proxy FID over bootstrap resamples of the images' features."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        sample = features[rng.integers(0, len(features), len(features))]
+        values.append(evaluation.frechet_distance(sample.mean(0), np.cov(sample, rowvar=False),
+                                                  stats["mu"], stats["sigma"]))
+    return float(np.std(values))
+
+
+def test_bf16_sampling_keeps_the_proxy_fid_of_fp32_on_the_demo_checkpoints():
+    model, config = demo_network(32)
+    stats = evaluation.load_dataset_stats(config, "proxy")
+    # 16 images and 25 Euler-Maruyama steps (the network is continuous-time, so N is free).
+    sde = sde_lib.subVPSDE(config.model.beta_min, config.model.beta_max, N=25)
+    eps = 1e-3
+    score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+    images = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        x = sde.prior_sampling((16, 3, 32, 32))
+        with mutils.network_options(precision=precision):
+            x, _, _ = sampling.pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N,
+                                                predictor="euler_maruyama", corrector="none",
+                                                snr=0.0, n_steps_each=1, denoise=True,
+                                                progress=False, eps=eps)
+        assert x.dtype == torch.float32
+        images[precision] = evaluation.to_uint8_nhwc((x.clamp(-1, 1) + 1) / 2)
+    assert not np.array_equal(images["bf16"], images["fp32"])
+    fids = {p: evaluation.proxy_fid(images[p], stats) for p in images}
+    spread = _bootstrap_fid_std(evaluation.proxy_features(images["fp32"]), stats, 100, 0)
+    # A generous bound for 16 images: two bootstrap standard deviations of the fp32 FID.
+    assert abs(fids["bf16"] - fids["fp32"]) <= 2 * spread, (fids, spread)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training step: gradient accumulation, fp16 loss scaling, compilation
+
+
+def _train_state(seed: int = 0, size: int = 8) -> tuple[dict, object]:
+    import importlib
+
+    config = importlib.import_module("configs.builtin.subvp_ddpmpp_small").get_config()
+    config.data.image_size = size
+    config.model.dropout = 0.0  # dropout masks come from the global generator
+    config.device = torch.device("cpu")
+    torch.manual_seed(seed)
+    model = mutils.create_model(config)
+    state = dict(model=model, ema=ExponentialMovingAverage(model.parameters(), decay=0.9),
+                 optimizer=losses.get_optimizer(config, model.parameters()), step=1)
+    return state, config
+
+
+def _generators(step: int, batch: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 * step + i) for i in range(batch)]
+
+
+def _step(state: dict, config, batch: torch.Tensor, step: int, **options) -> torch.Tensor:
+    step_fn = losses.get_step_fn(sde_lib.get_sde(config)[0], train=True,
+                                 optimize_fn=losses.optimization_manager(config),
+                                 reduce_mean=False, continuous=True, **options)
+    return step_fn(state, batch, generator=_generators(step, len(batch)))
+
+
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch():
+    state, config = _train_state()
+    batch = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    split = copy.deepcopy(state)
+    for step in (1, 2):
+        whole = _step(state, config, batch, step)
+        parts = _step(split, config, batch, step, grad_accum=4)
+        assert abs(float(parts) - float(whole.detach())) <= 1e-5 * abs(float(whole.detach()))
+    assert split["step"] == state["step"] == 3
+    for p, q in zip(state["model"].parameters(), split["model"].parameters()):
+        assert (p - q).abs().max() <= 1e-6, "parameters differ after accumulated steps"
+    for p, q in zip(state["ema"].shadow_params, split["ema"].shadow_params):
+        assert (p - q).abs().max() <= 1e-6
+    with pytest.raises(ValueError) as info:
+        _step(split, config, batch, 3, grad_accum=3)
+    assert str(info.value) == ("A batch of 8 does not split into 3 equal micro-batches: make "
+                               "config.training.batch_size (per process) a multiple of "
+                               "config.training.grad_accum.")
+    with pytest.raises(ValueError, match="positive whole number of micro-batches, not 0"):
+        _step(split, config, batch, 3, grad_accum=0)
+
+
+def test_fp16_training_scales_the_loss_and_follows_the_fp32_update():
+    state, config = _train_state()
+    batch = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    half = copy.deepcopy(state)
+    before = [p.detach().clone() for p in state["model"].parameters()]
+    loss32 = _step(state, config, batch, 1)
+    # The loss scale starts at 2^16: steps whose scaled gradients overflow are skipped (the
+    # parameters stay) and the scale halves, until the gradients fit in fp16.
+    step_fn = losses.get_step_fn(sde_lib.get_sde(config)[0], train=True,
+                                 optimize_fn=losses.optimization_manager(config),
+                                 reduce_mean=False, continuous=True, precision="fp16")
+    skipped = 0
+    while True:
+        loss16 = step_fn(half, batch, generator=_generators(1, len(batch)))
+        if any(not torch.equal(p, b) for p, b in zip(half["model"].parameters(), before)):
+            break
+        skipped += 1
+        assert skipped < 24, "fp16 steps never took effect"
+    assert skipped > 0, "the first fp16 step should overflow at the initial loss scale 2^16"
+    loss16, loss32 = float(loss16.detach()), float(loss32.detach())
+    assert np.isfinite(loss16) and abs(loss16 - loss32) < 0.05 * loss32
+    d32 = torch.cat([(p - b).flatten() for p, b in zip(state["model"].parameters(), before)])
+    d16 = torch.cat([(p - b).flatten() for p, b in zip(half["model"].parameters(), before)])
+    assert torch.isfinite(d16).all()
+    cosine = torch.dot(d32, d16) / (d32.norm() * d16.norm())
+    assert cosine > 0.9, f"the fp16 update points elsewhere (cosine {cosine:.3f})"
+
+
+def test_compiled_network_matches_eager_and_keeps_the_state_dict():
+    model, _ = demo_network(8)
+    keys = list(model.state_dict())
+    fn = mutils.get_model_fn(model, train=False)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    labels = torch.tensor([100.0, 700.0])
+    with torch.no_grad():
+        eager = fn(x, labels)
+        # aot_eager traces the graph as inductor does, without minutes of C++ code generation.
+        with mutils.network_options(compile="aot_eager"):
+            compiled = fn(x, labels)
+    assert _max_relative(compiled, eager) <= RELATIVE_TOL
+    assert list(model.state_dict()) == keys
+
+    state, config = _train_state()
+    batch = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    other = copy.deepcopy(state)
+    _step(state, config, batch, 1)
+    # The training step through dynamo's graph capture ("eager" backend: no code generation).
+    _step(other, config, batch, 1, compile="eager")
+    for p, q in zip(state["model"].parameters(), other["model"].parameters()):
+        assert (p - q).abs().max() <= 1e-6
+    assert list(other["model"].state_dict()) == list(state["model"].state_dict())
