@@ -112,7 +112,7 @@ class DemoSettings:
                        warmup=1, num_steps=25, num_samples=8, sample_batch=4,
                        curve_steps=(10, 25), bootstrap_resamples=20, grid_samples=4,
                        divergence_images=4, divergence_times=3, bpd_images=2, bpd_batch=2,
-                       bpd_tol=1e-2, cost_repeats=1)
+                       bpd_tol=1e-3, cost_repeats=1)
         raise ValueError(f"Unknown demo mode '{mode}': choose one of {', '.join(MODES)}.")
 
     def training_key(self) -> dict:
