@@ -595,7 +595,7 @@ def results_markdown(results: dict) -> str:
         + ") or at costs proportional to the pixel count.",
         f"- Proxy FID: Frechet distance of {s['num_samples']} samples in a fixed random-conv "
         "feature space to the training-set statistics (assets/stats/builtin_proxy_stats.npz), "
-        f"with a percentile bootstrap 95 % interval ({s['bootstrap_resamples']} resamples of "
+        f"with a basic bootstrap 95 % interval ({s['bootstrap_resamples']} resamples of "
         "the samples); a proxy, NOT the paper's Inception FID, comparable only within this "
         "table. Proxy KID: the unbiased kernel distance (TF-GAN's cubic kernel) in the same "
         "features against every training image, ± its standard error over blocks of 256; "
