@@ -39,7 +39,7 @@ test-tf: $(STAMP_TF)
 demo: $(STAMP)
 	$(PY) demo.py --mode full --workdir runs/demo $(DEMO_ARGS)
 
-# Sampling and table from the committed checkpoints in about a minute (runs/demo_quick).
+# Sampling (512 samples per sampler) and table from the committed checkpoints (runs/demo_quick).
 demo-quick: $(STAMP)
 	$(PY) demo.py --mode quick --workdir runs/demo_quick $(DEMO_ARGS)
 

@@ -4,12 +4,14 @@ One run trains (or reuses) a small full 32x32 sub-VP DDPM++ score model and 16x1
 subspace models (the same config at `data.image_size` 16 and 8), recomputes the dataset's RMSD to
 the downsampling subspaces, measures the orthogonal Fisher divergence of the full model and picks
 the cutoff times from it, then samples with the full model only and with subspace diffusion (one
-level 16; two levels 16, 8) at the same number of steps N. It reports the network evaluations
-split full/subspace, wall-clock times, the measured cost of one evaluation of each network with
-the ideal and achieved speed-ups, a proxy FID of each sampler, and bits/dim of held-out images
-through the full model and the implicit subspace scores. Everything it measures is written to
+level 16; two levels 16, 8) at the same number of steps N, and at the other N of the
+quality-against-cost curve. It reports the network evaluations split full/subspace, wall-clock
+times, the measured cost of one evaluation of each network with the ideal and achieved
+speed-ups, the proxy FID (bootstrap 95 % interval) and proxy KID of each sampler and of as many
+held-out images, whether the demo's claims hold, and bits/dim of held-out images through the
+full model and the implicit subspace scores. Everything it measures is written to
 `results.json` and `results.md` in the working directory, the samples side by side to
-`samples.png`.
+`samples.png`, the curve to `quality_cost.png`.
 
 Modes (`DemoSettings.for_mode`): `full` (the measured laptop run), `quick` (sampling and table
 from the committed checkpoints of assets/checkpoints/builtin, no training, no likelihood) and
