@@ -1,7 +1,7 @@
 """Subspace diffusion on the built-in dataset, on a laptop: `make demo` / `make demo-quick`.
 
     python demo.py --mode full  [--workdir runs/demo]        # train 3 small models, analyse,
-                                                             # sample, likelihood (11-21 min, 2 cores)
+                                                             # sample, likelihood (11-21 min)
     python demo.py --mode quick [--workdir runs/demo_quick]  # sample from the committed
                                                              # checkpoints (a few min)
     python demo.py --mode smoke --workdir /tmp/smoke          # a few training steps (tests)
