@@ -4,24 +4,18 @@ import errno
 
 import pytest
 import torch
+from test_run_lib import _config as tiny_config
 
 import cli
 import run_lib
 import utils
-from configs.builtin import subvp_ddpmpp_small
 
 
 def _config(n_iters: int):
-    config = subvp_ddpmpp_small.get_config()
-    config.model.nf = 8
-    config.model.num_scales = 4
-    config.data.image_size = 8
-    config.training.batch_size = 4
-    config.eval.batch_size = 4
+    config = tiny_config()
     config.training.n_iters = n_iters
     config.training.snapshot_freq = 1
     config.training.snapshot_sampling = False
-    config.device = torch.device("cpu")
     return config
 
 
