@@ -88,6 +88,16 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.trace(symmetric_matrix_sqrt(root1 @ sigma2 @ root1)))
 
 
+def trace_sqrt_product_with_root(sigma1: np.ndarray, root2: np.ndarray) -> float:
+    """Tr((sigma1 sigma2)^(1/2)) given root2 = sigma2^(1/2): the sum of the square roots of the
+    eigenvalues of the symmetric PSD matrix root2 sigma1 root2 (similar to sigma1 sigma2), negative
+    rounding errors clipped at 0. Equal to `trace_sqrt_product` to rounding, several times faster
+    when sigma2 is fixed (the bootstrap), since only eigenvalues are needed."""
+    product = root2 @ sigma1 @ root2
+    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+    return float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Frechet distance of two Gaussians (Heusel et al. 2017):
     |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
@@ -351,11 +361,16 @@ def frechet_distance_bootstrap(features, stats: dict, num_resamples: int = 200,
     if not 0.0 < level < 1.0:
         raise ValueError(f"The interval level must lie in (0, 1); got {level}.")
     value = frechet_distance(*gaussian_statistics(features), stats["mu"], stats["sigma"])
+    mu_ref, sigma_ref = (np.asarray(stats[k], np.float64) for k in ("mu", "sigma"))
+    root_ref = symmetric_matrix_sqrt(sigma_ref)
+    fixed_trace = float(np.trace(sigma_ref))
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(num_resamples):
         rows = features[rng.integers(0, len(features), len(features))]
-        draws.append(frechet_distance(*gaussian_statistics(rows), stats["mu"], stats["sigma"]))
+        mu, sigma = gaussian_statistics(rows)
+        draws.append(float(np.sum((mu - mu_ref) ** 2)) + float(np.trace(sigma)) + fixed_trace
+                     - 2.0 * trace_sqrt_product_with_root(sigma, root_ref))
     tail = 100 * (1 - level) / 2
     q_low, q_high = np.percentile(draws, [tail, 100 - tail])
     return {"value": float(value), "low": float(max(2 * value - q_high, 0.0)),

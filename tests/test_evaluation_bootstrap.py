@@ -24,6 +24,18 @@ def test_bootstrap_interval_covers_a_known_distance_and_shrinks_with_samples():
     assert widths[1] < widths[0] / 2.5  # about 1 / sqrt(16) = 1/4
 
 
+def test_trace_with_a_fixed_root_equals_the_tf_gan_trace():
+    """The bootstrap's eigenvalue form of Tr((s1 s2)^(1/2)) equals the SVD form used for the
+    reported value, for full-rank and rank-deficient s1 alike."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((40, 12)), rng.standard_normal((7, 12))
+    sigma2 = np.cov(a, rowvar=False)
+    root2 = evaluation.symmetric_matrix_sqrt(sigma2)
+    for sigma1 in (np.cov(rng.standard_normal((30, 12)) * 2, rowvar=False), b.T @ b):
+        assert evaluation.trace_sqrt_product_with_root(sigma1, root2) == pytest.approx(
+            evaluation.trace_sqrt_product(sigma1, sigma2), rel=1e-7)
+
+
 def test_bootstrap_is_seeded_and_checks_its_input():
     features = np.random.default_rng(0).standard_normal((50, 3))
     a = evaluation.frechet_distance_bootstrap(features, _stats(3), 50, seed=3)
