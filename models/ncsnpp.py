@@ -194,6 +194,7 @@ class NCSNpp(nn.Module):
                     modules.append(layerspp.group_norm(in_ch))
                     if top:
                         modules.append(layerspp.conv3x3(in_ch, channels, init_scale=init_scale))
+                        output_conv = modules[-1]
                     else:
                         modules.append(layerspp.conv3x3(in_ch, channels, bias=True,
                                                         init_scale=init_scale))
@@ -215,8 +216,15 @@ class NCSNpp(nn.Module):
         if progressive != "output_skip":
             modules.append(layerspp.group_norm(in_ch))
             modules.append(layerspp.conv3x3(in_ch, channels, init_scale=init_scale))
+            output_conv = modules[-1]
 
         self.all_modules = nn.ModuleList(modules)
+        if self.gaussian_dc:
+            # The output conv's bias adds a constant per channel, which the DC replacement
+            # removes again: its gradient is zero up to float rounding, and Adam would turn that
+            # rounding noise into steps of about lr (a random walk that differs between batch
+            # layouts, e.g. one process and several). Its gradient is set to exactly zero.
+            output_conv.bias.register_hook(torch.zeros_like)
 
     def set_dc_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
         """Set the mean [C] and covariance [C, C] of the training data's orthonormal DC

@@ -30,9 +30,6 @@ OVERRIDES = {
     "data.uniform_dequantization": True,
     "model.nf": 8,
     "model.num_scales": 4,
-    # The plain network: with the built-in Gaussian DC model two processes drift from one by
-    # about 3e-4 after 4 steps (not yet explained; see the README's distributed notes).
-    "model.gaussian_dc": False,
     "training.batch_size": 4,
     "training.snapshot_freq": 2,
     "training.snapshot_freq_for_preemption": 2,

@@ -66,6 +66,35 @@ def test_the_dc_of_the_output_is_the_gaussian_noise_prediction():
     torch.testing.assert_close(out.double() - centred.double(), lifted, atol=1e-5, rtol=1e-5)
 
 
+def test_the_output_bias_gets_no_gradient_and_no_adam_steps():
+    """The output conv's bias only shifts the DC that the Gaussian model replaces: its gradient
+    is exactly zero (not rounding noise that Adam would scale up to steps of about lr), so
+    training leaves it where it started while every other parameter moves."""
+    import copy
+
+    import losses
+
+    torch.manual_seed(0)
+    config = _config(8)
+    config.optim.update(lr=1e-2, warmup=0)
+    state = run_lib.create_train_state(config, torch.device("cpu"))
+    net = state["model"]
+    bias = net.all_modules[-1].bias
+    start = copy.deepcopy(net)
+    sde, _ = sde_lib.get_sde(config)
+    step_fn = losses.get_step_fn(sde, train=True, optimize_fn=losses.optimization_manager(config),
+                                 reduce_mean=True, continuous=True)
+    for _ in range(3):
+        step_fn(state, torch.rand(4, 3, 8, 8) * 2 - 1)
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+    assert torch.equal(bias, start.all_modules[-1].bias)
+    weight = net.all_modules[-1].weight
+    assert float((weight - start.all_modules[-1].weight).abs().max()) > 1e-3
+    plain = mutils.create_model(_config(8, on=False))
+    plain(torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])).sum().backward()
+    assert float(plain.all_modules[-1].bias.grad.abs().max()) > 0  # only with the DC model
+
+
 def test_statistics_start_standard_normal_and_only_noise_predicting_networks_have_them():
     net = mutils.create_model(_config(8))
     torch.testing.assert_close(net.dc_mean, torch.zeros(3, dtype=torch.float64))
