@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from files import atomic_write_text
+
 # Config entries that do not change what is sampled: where it runs, and the evaluation switches
 # and counts (the sample count may grow between runs).
 _IGNORED_CONFIG = ("device",)
@@ -109,8 +111,6 @@ def check_settings(samples: str | os.PathLike, settings: Mapping[str, Any], exis
 
 def record_settings(samples: str | os.PathLike, settings: Mapping[str, Any]) -> Path:
     """Write the sidecar of `samples` atomically and return its path."""
-    from utils import atomic_write_text
-
     path = settings_path(samples)
     atomic_write_text(path, json.dumps(_plain(dict(settings)), indent=2, sort_keys=True) + "\n")
     return path

@@ -10,12 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Command lines and their plumbing: nothing below them may import these. `cli` is the planned
-# home of the command-line helpers; `utils` re-exports them, so it counts as plumbing too.
+# Command lines, their plumbing and the orchestration behind them: nothing below them may import
+# these. `cli` holds the command-line helpers; `utils` re-exports them, so it counts as plumbing.
 ENTRY_SCRIPTS = {"main", "subspace_sample", "subspace_inpainting", "demo", "compute_dataset_stats"}
-UPPER = ENTRY_SCRIPTS | {"run_lib", "demo_lib", "cli", "utils"}
+ORCHESTRATION = {"run_lib", "subspace_run", "sample_rounds", "demo_lib"}
+UPPER = ENTRY_SCRIPTS | ORCHESTRATION | {"cli", "utils"}
 # The foundations import only each other (and op/, the bottom layer).
-FOUNDATIONS = {"models", "op", "sde_lib", "subspace_lib", "files", "registry", "distributed"}
+FOUNDATIONS = {"models", "op", "sde_lib", "subspace_lib", "files", "registry", "distributed",
+               "errors"}
 
 
 def _node(path: Path, root: Path) -> str:

@@ -58,6 +58,9 @@ def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
     assert first.returncode == 0, first.stderr
     saved = np.load(tmp_path / "run.npy")
     assert saved.shape == (2, 32, 32, 3) and saved.dtype == np.uint8
+    # The round is kept in the evaluation format, which the resumed runs below start from.
+    with np.load(tmp_path / "run" / "samples_0.npz") as archive:
+        np.testing.assert_array_equal(archive["samples"], saved)
     table = first.stdout.splitlines()
     rows = {int(line.split()[0]): line.split() for line in table if line.split()[:1]
             and line.split()[0].isdigit()}
