@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    from utils import atomic_write_text
+    from files import atomic_write_text
 
     parser = argparse.ArgumentParser(
         prog="python -m analysis.cutoffs",

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import losses
-import utils
 from configs.builtin import ve_ncsnpp_small
 from models import utils as mutils
+from models.checkpoints import save_checkpoint
 from models.ema import ExponentialMovingAverage
 from models.subspace_model import subspace_configs
 
@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory) -> dict[int, Path]:
                      ema=ExponentialMovingAverage(model.parameters(), decay=cfg.model.ema_rate),
                      step=0)
         paths[cfg.data.image_size] = folder / f"checkpoint_{cfg.data.image_size}.pth"
-        utils.save_checkpoint(paths[cfg.data.image_size], state)
+        save_checkpoint(paths[cfg.data.image_size], state)
     return paths
 
 
