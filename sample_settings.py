@@ -5,8 +5,8 @@ a finished one is extended with a larger sample count. Both are only sound when 
 from the same distribution with the same seeds, so the first run writes a JSON sidecar
 `NAME.settings.json` (config digest, plan, checkpoints with their sha256, sampler, seed, batch
 size) and every later run must present identical settings. The sample count is deliberately not
-part of the settings. Used by `run_lib` (`--mode eval`, `eval_subspace`) and
-`subspace_sample.py`, so both record and check the same way.
+part of the settings. Used by the round sampler (`sample_rounds`), so `--mode eval`,
+`eval_subspace` and `subspace_sample.py` record and check the same way.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 import losses
 from configs.builtin import ve_ncsnpp_small
 from models import utils as mutils
-from models.checkpoints import save_checkpoint
+from models.checkpoints import load_model_weights, save_checkpoint
 from models.ema import ExponentialMovingAverage
 from models.subspace_model import subspace_configs
 
@@ -157,9 +157,15 @@ def test_load_subspace_model_for_notebooks(checkpoints):
     assert not model.training
     sde, _ = sde_lib.get_sde(config)
     score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+    x, t = torch.rand(3, 3, 32, 32), torch.tensor([0.2, 0.55, 0.9])
     with torch.no_grad():
-        out = score_fn(torch.rand(3, 3, 32, 32), torch.tensor([0.2, 0.55, 0.9]))
-    assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
+        out = score_fn(x, t)
+    assert out.shape == (3, 3, 32, 32)
     assert (model.nfe_full, model.nfe_subspace) == (1, [1, 1])
+    # Below both cutoffs the implicit score is the full network's score.
+    full = load_model_weights(mutils.create_model(config), checkpoints[32])
+    with torch.no_grad():
+        expected = mutils.get_score_fn(sde, full, train=False, continuous=True)(x[:1], t[:1])
+    torch.testing.assert_close(out[:1], expected)
     with pytest.raises(ValueError, match="give one --ckpt_subspace per size"):
         load_subspace_model(config, checkpoints[32], [checkpoints[16]], "16,8", "0.5,0.6")
