@@ -11,8 +11,8 @@ samples; the settings are recorded beside the folder and checked first (`sample_
 Under torchrun the rounds still to draw are split across ranks (`distributed.map_rounds`); rank 0
 writes every file.
 
-Construct a `RoundSampler` before anything expensive (it checks the settings and scans the
-folder), then call `run(draw)` with the function that draws one round.
+Construct a `RoundSampler` before anything expensive (it checks the settings), then call
+`run(draw)` with the function that draws one round (the settings are recorded then).
 """
 from __future__ import annotations
 
@@ -121,13 +121,10 @@ class RoundSampler:
             sample_settings.settings_problem(self.folder, settings, exists) if main else None)
         if problem:
             raise sample_settings.SettingsMismatchError(problem)
+        # Recorded when sampling starts, so a failure before it (e.g. a checkpoint that does
+        # not load) leaves nothing behind.
+        self.settings = None if exists else dict(settings)
         self.done: dict[int, np.ndarray] = {}
-        if main:
-            if not exists:
-                sample_settings.record_settings(self.folder, settings)
-            self.done = self._load_done()
-        self.todo: list[int] = distributed.broadcast_from_main(
-            [r for r in range(len(self.sizes)) if r not in self.done] if main else None)
 
     def _round_files(self) -> dict[int, Path]:
         found = {}
@@ -169,10 +166,17 @@ class RoundSampler:
     def run(self, draw: Callable[[int, int], Round]) -> Rounds:
         """Draw the rounds not on disk with `draw(r, size)` (seeded first) and return the
         samples; `draw` must return at least `size` samples."""
+        main = distributed.is_main_process()
+        if main:
+            if self.settings is not None:
+                sample_settings.record_settings(self.folder, self.settings)
+            self.done = self._load_done()
+        todo: list[int] = distributed.broadcast_from_main(
+            [r for r in range(len(self.sizes)) if r not in self.done] if main else None)
         num_rounds = len(self.sizes)
         logger.info("%d samples in %d rounds of %d into %s: %d rounds on disk, %d to draw.",
-                    self.total, num_rounds, self.batch, self.folder, num_rounds - len(self.todo),
-                    len(self.todo))
+                    self.total, num_rounds, self.batch, self.folder, num_rounds - len(todo),
+                    len(todo))
 
         def one_round(r: int) -> Round:
             torch.manual_seed(self.seed_of_round(r))
@@ -189,10 +193,10 @@ class RoundSampler:
             note = f" ({drawn.note})" if drawn.note else ""
             logger.info("Sampling round %d/%d saved to %s%s.", r + 1, num_rounds, path, note)
 
-        results = distributed.map_rounds(self.todo, one_round, on_result=keep)
+        results = distributed.map_rounds(todo, one_round, on_result=keep)
         if results is None:
             return Rounds(None, [])
         samples = np.concatenate([self.done[r] for r in range(num_rounds)])[:self.total]
         if self.output is not None:
             atomic_numpy_save(self.output, samples=samples)
-        return Rounds(samples, [(r, drawn.info) for r, drawn in zip(self.todo, results)])
+        return Rounds(samples, [(r, drawn.info) for r, drawn in zip(todo, results)])
