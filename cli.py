@@ -20,13 +20,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from errors import ReportableError
+
 
 class UsageError(ValueError):
     """Bad command-line input."""
-
-
-class ReportableError(RuntimeError):
-    """A failure that is not a bug, reported to the user as one sentence (e.g. a diverged run)."""
 
 
 # What `run_entry_point` reports as a sentence; anything else is a bug and keeps its traceback.

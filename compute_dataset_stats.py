@@ -89,7 +89,7 @@ def compute_stats(config, split: str, features: str, max_images: int | None = No
 def _run() -> None:
     """Compute the statistics the flags ask for and write them atomically."""
     import evaluation
-    from utils import atomic_numpy_save
+    from files import atomic_numpy_save
 
     config = FLAGS.config
     cli.check_range(FLAGS.max_images, "--max_images", low=2)

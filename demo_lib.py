@@ -43,11 +43,19 @@ import run_lib
 import sampling
 import sde_lib
 import subspace_lib as sl
-import utils
 from analysis import cutoffs as cutoff_lib
 from analysis.divergence import default_times, fisher_divergence
 from analysis.rmsd import rmsd_table
+from files import (
+    atomic_numpy_save,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_text,
+    make_image_grid,
+    save_image_grid,
+)
 from models import utils as mutils
+from models.checkpoints import load_model_weights
 from models.subspace_model import build_subspace_model
 from subspace_sampling import StageReport, subspace_pc_sample
 
@@ -153,10 +161,10 @@ def builtin_checkpoint_path(size: int, folder: Path = BUILTIN_CHECKPOINTS) -> Pa
 
 def export_ema_weights(checkpoint: str | os.PathLike, config, out: str | os.PathLike) -> Path:
     """Write the EMA weights of a training checkpoint as a bare state dict (no optimizer state,
-    no raw weights: a quarter of the size) that `utils.load_model_weights` loads strictly."""
-    model = utils.load_model_weights(mutils.create_model(config), checkpoint, use_ema=True)
+    no raw weights: a quarter of the size) that `load_model_weights` loads strictly."""
+    model = load_model_weights(mutils.create_model(config), checkpoint, use_ema=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    utils.atomic_torch_save(state, out)
+    atomic_torch_save(state, out)
     return Path(out)
 
 
@@ -179,7 +187,7 @@ def _check_workdir(workdir: Path, settings: DemoSettings) -> None:
                 f"{workdir} holds demo models trained with other settings ({path}): choose "
                 "another --workdir or delete that folder.")
     else:
-        utils.atomic_write_text(path, json.dumps(key, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(key, indent=2) + "\n")
 
 
 def _timed(fn: Callable, *args, **kwargs):
@@ -228,8 +236,7 @@ def obtain_models(settings: DemoSettings, workdir: Path, device: torch.device,
 
 def load_networks(models: dict[int, dict]) -> dict[int, torch.nn.Module]:
     """The EMA networks of each size, in eval mode."""
-    return {size: utils.load_model_weights(mutils.create_model(info["config"]),
-                                           info["checkpoint"])
+    return {size: load_model_weights(mutils.create_model(info["config"]), info["checkpoint"])
             for size, info in models.items()}
 
 
@@ -293,7 +300,7 @@ def divergence_and_cutoffs(full_net: torch.nn.Module, config, rmsd: dict[int, fl
                              centered=bool(config.data.centered),
                              num_images=settings.divergence_images, seed=settings.seed,
                              device=config.device, progress=progress)
-    utils.atomic_write_text(workdir / "divergence.json", json.dumps(data))
+    atomic_write_text(workdir / "divergence.json", json.dumps(data))
     table = cutoff_lib.cutoff_table(data, cutoff_lib.DEFAULT_THRESHOLDS)
     threshold, rule = choose_threshold(data, settings.threshold, settings.floor_factor,
                                        settings.untrained_floor)
@@ -524,7 +531,7 @@ def save_sample_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path) -
     FigureCanvasAgg(fig)
     for i, (title, images) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(utils.make_image_grid(images, nrow=None), interpolation="nearest")
+        ax.imshow(make_image_grid(images, nrow=None), interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -748,8 +755,7 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
                 "nfe", "seconds", "proxy_fid", "proxy_fid_interval", "proxy_kid",
                 "proxy_kid_std_error")}
             if num_steps == settings.num_steps:
-                utils.atomic_numpy_save(workdir / "samples" / f"{_slug(name)}.npz",
-                                        samples=uint8)
+                atomic_numpy_save(workdir / "samples" / f"{_slug(name)}.npz", samples=uint8)
                 info["cutoffs"] = {str(s): cutoffs[s] for s in sizes}
                 samplers[name] = info
                 images[name] = evaluation.to_float_nchw(uint8)
@@ -767,7 +773,7 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
     for name, info in samplers.items():
         grid = images[name][: settings.grid_samples]
         panels.append((_title(name, info), grid))
-        utils.save_image_grid(grid, workdir / "samples" / f"{_slug(name)}.png")
+        save_image_grid(grid, workdir / "samples" / f"{_slug(name)}.png")
     save_sample_figure(panels, workdir / "samples.png")
     if len(settings.curve_steps) > 1:
         save_quality_cost_figure(curve, floor, workdir / "quality_cost.png")
@@ -941,9 +947,9 @@ def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: 
     results["total_cpu_seconds"] = time.process_time() - cpu0
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    utils.atomic_write_text(workdir / "results.json",
-                            json.dumps(results, indent=2, default=_json_default) + "\n")
-    utils.atomic_write_text(workdir / "results.md", results_markdown(results))
+    atomic_write_text(workdir / "results.json",
+                      json.dumps(results, indent=2, default=_json_default) + "\n")
+    atomic_write_text(workdir / "results.md", results_markdown(results))
     if export_assets:
         export(results, models, workdir)
     return results
@@ -990,11 +996,11 @@ def export(results: dict, models: dict[int, dict], workdir: Path,
     manifest = {"config": CONFIG_MODULE, "command": "python demo.py --mode full --export_assets",
                 "training": results["settings"]["train_steps"], "files": files,
                 "cutoffs": results["cutoffs"], "rmsd": results["rmsd"]}
-    utils.atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     assets.mkdir(parents=True, exist_ok=True)
     for name in ("results.json", "results.md", "samples.png", "divergence.png",
                  "quality_cost.png"):
         if (workdir / name).is_file():
-            with utils.atomic_write(assets / name, "wb") as handle:
+            with atomic_write(assets / name, "wb") as handle:
                 with open(workdir / name, "rb") as source:
                     shutil.copyfileobj(source, handle)

@@ -260,10 +260,11 @@ def concat_on_main(array: np.ndarray) -> np.ndarray | None:
     return None if parts is None else np.concatenate(parts)
 
 
-def map_rounds(num_rounds: int, fn: Callable[[int], Any],
+def map_rounds(num_rounds: int | Sequence[int], fn: Callable[[int], Any],
                on_result: Callable[[int, Any], None] | None = None, first: int = 0) -> list | None:
-    """Run `fn(r)` for rounds r = first..num_rounds-1 split across ranks (round r on rank
-    (r - first) mod W) and collect the results on rank 0 in round order.
+    """Run `fn(r)` for rounds r = first..num_rounds-1 (or for the rounds of a sequence, in its
+    order) split across ranks (the i-th round on rank i mod W) and collect the results on
+    rank 0 in that order.
 
     `fn(r)` must itself seed round r (e.g. `torch.manual_seed(seed + r)`), so the union over
     ranks equals what one process produces. The ranks advance in waves of W rounds; after each
@@ -271,10 +272,11 @@ def map_rounds(num_rounds: int, fn: Callable[[int], Any],
     the list of results on rank 0 and None on other ranks.
     """
     rank, world = get_rank(), get_world_size()
+    rounds = range(first, num_rounds) if isinstance(num_rounds, int) else list(num_rounds)
     results = [] if rank == 0 else None
-    for wave_start in range(first, num_rounds, world):
-        index = wave_start + rank
-        mine = (index, fn(index)) if index < num_rounds else None
+    for wave_start in range(0, len(rounds), world):
+        position = wave_start + rank
+        mine = (rounds[position], fn(rounds[position])) if position < len(rounds) else None
         gathered = gather_to_main(mine)
         if gathered is None:
             continue

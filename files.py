@@ -63,6 +63,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         handle.write(text)
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, names: str = "*") -> list[Path]:
+    """Delete from `folder` the temporaries `atomic_write` leaves behind when its process is
+    killed while writing a file whose name matches the glob `names` (`.NAME.<random>.tmp`);
+    nothing else is touched. Returns the removed paths."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for path in sorted(folder.glob(f".{names}.*.tmp")):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
 def make_image_grid(images: torch.Tensor, nrow: int | None, padding: int = 2) -> np.ndarray:
     """Tile NCHW float images in [0, 1] into one uint8 HWC RGB picture, `nrow` images per row.
 

@@ -19,14 +19,17 @@ import sample_settings
 import sampling
 import sde_lib
 import subspace_lib
-import utils
+from errors import ReportableError
+from files import atomic_numpy_save, atomic_write_text, remove_stale_temporaries, save_image_grid
 from models import utils as mutils
+from models.checkpoints import restore_checkpoint, save_checkpoint
 from models.ema import ExponentialMovingAverage
+from sample_rounds import Round, RoundSampler
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingDiverged(utils.ReportableError):
+class TrainingDiverged(ReportableError):
     """The training loss became NaN or infinite."""
 
 
@@ -120,8 +123,8 @@ def _snapshot_samples(sampling_fn, state, step: int, sample_dir: Path) -> None:
     this_dir = sample_dir / f"iter_{step}"
     images = samples.clamp(0.0, 1.0).cpu()
     uint8 = evaluation.to_uint8_nhwc(images)
-    utils.atomic_numpy_save(this_dir / "sample.npy", samples=uint8)
-    utils.save_image_grid(images, this_dir / "sample.png")
+    atomic_numpy_save(this_dir / "sample.npy", samples=uint8)
+    save_image_grid(images, this_dir / "sample.png")
 
 
 def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
@@ -145,13 +148,13 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     if main:
         # Temporaries of checkpoint writes that a killed run (SIGKILL) left behind.
         for folder in (paths["checkpoints"], paths["meta"].parent):
-            for stale in remove_stale_temporaries(folder):
+            for stale in remove_stale_temporaries(folder, "checkpoint*.pth"):
                 logger.info("Removed %s, left by an interrupted checkpoint write.", stale)
     distributed.per_rank_batch_size(config.training.batch_size, world)
     set_seed(config.seed)
     state = create_train_state(config, device)
     if main or paths["meta"].is_file():
-        state = utils.restore_checkpoint(paths["meta"], state, device, missing_ok=True)
+        state = restore_checkpoint(paths["meta"], state, device, missing_ok=True)
     if main:  # only once the resume checkpoint proved usable
         for key in ("samples", "tensorboard", "checkpoints"):
             paths[key].mkdir(parents=True, exist_ok=True)
@@ -261,24 +264,11 @@ def _snapshot_files(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.stem.split("_")[-1]))
 
 
-def remove_stale_temporaries(folder: Path, names: str = "checkpoint*.pth") -> list[Path]:
-    """Delete from `folder` the temporaries `utils.atomic_write` leaves behind when its process
-    is killed while writing a file matching `names` (`.NAME.<random>.tmp`); nothing else is
-    touched. Returns the removed paths."""
-    removed = []
-    if folder.is_dir():
-        for path in folder.glob(f".{names}.*.tmp"):
-            if path.is_file():
-                path.unlink(missing_ok=True)
-                removed.append(path)
-    return removed
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
-    """`utils.save_checkpoint`, with a failed write (disk full, permissions) reported as one
-    sentence that says the last complete checkpoint is intact."""
+    """`models.checkpoints.save_checkpoint`, with a failed write (disk full, permissions)
+    reported as one sentence that says the last complete checkpoint is intact."""
     try:
-        utils.save_checkpoint(path, state)
+        save_checkpoint(path, state)
         return
     except OSError as error:
         if error.errno != errno.ENOSPC and error.strerror is None:
@@ -290,7 +280,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         if not any(s in str(error) for s in ("unexpected pos", "file write failed", "No space")):
             raise
         reason, cause = "the disk is full", error
-    raise utils.ReportableError(
+    raise ReportableError(
         f"Cannot write checkpoint {path} at step {int(state['step'])}: {reason}; the last "
         "complete checkpoint is intact, so free space (or fix the folder) and run again to "
         "resume.") from cause
@@ -413,60 +403,31 @@ def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
 
 
 def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
-                   progress: bool, settings: dict | None = None) -> np.ndarray | None:
-    """Draw config.eval.num_samples samples in rounds of eval.batch_size, one file per round;
-    rounds already on disk are reused, so an interrupted evaluation resumes and a larger
-    num_samples extends it. The settings that make the samples (config digest, seed, batch size
-    and the entries of `settings`, e.g. checkpoints and plan) are recorded beside the folder
-    (`sample_settings`); reusing rounds made with other settings is refused.
-
-    Under torchrun round r runs on rank r mod W with the seed it has in one process; rank 0
-    receives every round (writing the files it lacks) and returns the samples; other ranks
-    return None.
+                   settings: dict | None = None, output: Path | None = None) -> np.ndarray | None:
+    """Draw config.eval.num_samples samples in rounds of eval.batch_size into
+    SAMPLE_DIR/samples_{r}.npz with the resumable round sampler (`sample_rounds`), round r
+    seeded by `round_seed(config.seed, ckpt, r)`. The record beside the folder holds the config
+    digest, checkpoint number, seed, batch size and the entries of `settings` (e.g. checkpoints
+    and plan). Returns the samples on rank 0 and None on other ranks.
     """
     batch = config.eval.batch_size
-    num_rounds = -(-config.eval.num_samples // batch)
     record = {"config": sample_settings.config_digest(config), "ckpt": ckpt,
               "seed": config.seed, "batch": batch, **(settings or {})}
-    main = distributed.is_main_process()
-    exists = sample_dir.is_dir() and any(sample_dir.glob("samples_*.npz"))
-    problem = distributed.broadcast_from_main(
-        sample_settings.settings_problem(sample_dir, record, exists) if main else None)
-    if problem:
-        raise sample_settings.SettingsMismatchError(problem)
-    if main and not exists:
-        sample_settings.record_settings(sample_dir, record)
+    rounds = RoundSampler(sample_dir, config.eval.num_samples, batch,
+                          lambda r: round_seed(config.seed, ckpt, r), record, output=output)
 
-    def draw(r: int) -> np.ndarray:
-        path = sample_dir / f"samples_{r}.npz"
-        if path.is_file():
-            with np.load(path) as archive:
-                return archive["samples"]
-        torch.manual_seed(round_seed(config.seed, ckpt, r))
-        samples, nfe = sampling_fn(model)
-        uint8 = evaluation.to_uint8_nhwc(samples)
-        utils.atomic_numpy_save(path, samples=uint8)
-        logger.info("checkpoint %d, sampling round %d/%d done (%d evaluations).", ckpt, r + 1,
-                    num_rounds, nfe)
-        return uint8
+    def draw(r: int, size: int) -> Round:
+        samples, nfe = sampling_fn(model)  # a full batch: the sampler's shape is fixed
+        return Round(evaluation.to_uint8_nhwc(samples), note=f"checkpoint {ckpt}, {nfe} "
+                     "evaluations")
 
-    def keep(r: int, uint8: np.ndarray) -> None:
-        # Rounds drawn on other nodes, when the workdir is not shared.
-        path = sample_dir / f"samples_{r}.npz"
-        if not path.is_file():
-            utils.atomic_numpy_save(path, samples=uint8)
-
-    rounds = distributed.map_rounds(num_rounds, draw,
-                                    on_result=keep if distributed.get_world_size() > 1 else None)
-    if rounds is None:
-        return None
-    return np.concatenate(rounds)[: config.eval.num_samples]
+    return rounds.run(draw).samples
 
 
 def _write_report(path: Path, report: dict) -> None:
     import json
 
-    utils.atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
 def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
@@ -517,7 +478,7 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     reports = {}
     for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
         ckpt_path = _checkpoint_path(workdir, ckpt)
-        state = utils.restore_checkpoint(ckpt_path, state, device)
+        state = restore_checkpoint(ckpt_path, state, device)
         model = state["model"]
         report: dict = {"checkpoint": ckpt, "step": int(state["step"])}
         if config.eval.enable_loss:
@@ -532,14 +493,14 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
                                                     bpd_num_repeats(config), progress,
                                                     shard=(rank, world)))
                 if main:
-                    utils.atomic_numpy_save(eval_dir / f"ckpt_{ckpt}_bpd.npz", bpd=bpds)
+                    atomic_numpy_save(eval_dir / f"ckpt_{ckpt}_bpd.npz", bpd=bpds)
                     report.update(bpd=float(bpds.mean()), bpd_nfe=nfe)
                     logger.info("checkpoint %d: mean bpd %.5f", ckpt, report["bpd"])
             if config.eval.enable_sampling:
                 settings = {"command": "eval",
                             "checkpoint": sample_settings.checkpoint_entries([ckpt_path])[0]}
                 samples = _sample_rounds(sampling_fn, model, config, ckpt,
-                                         eval_dir / f"ckpt_{ckpt}", progress, settings)
+                                         eval_dir / f"ckpt_{ckpt}", settings)
                 if main:
                     report["num_samples"] = len(samples)
                     metrics = evaluation.evaluate_samples(samples, config)
@@ -601,11 +562,10 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
                     "time": [float(t) for t in cutoffs], "dataset": dataset,
                     "ckpt_full": sample_settings.checkpoint_entries([ckpt_full])[0],
                     "ckpt_subspace": sample_settings.checkpoint_entries(list(ckpt_subspace))}
-        samples = _sample_rounds(sampling_fn, model, config, 0, eval_dir / save_name, progress,
-                                 settings)
+        samples = _sample_rounds(sampling_fn, model, config, 0, eval_dir / save_name, settings,
+                                 output=eval_dir / f"{save_name}.npy")
         num_full, num_subspace, per_level = nfe_over_ranks()
         if main:
-            utils.atomic_numpy_save(eval_dir / f"{save_name}.npy", samples=samples)
             report.update(sampling_num_full=num_full, sampling_num_subspace=num_subspace,
                           sampling_nfe_per_level=per_level)
             print(f"sampling: {num_full} full and {num_subspace} subspace network evaluations "
@@ -623,7 +583,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
                                             progress, shard=(rank, world)))
         num_full, num_subspace, _ = nfe_over_ranks()
         if main:
-            utils.atomic_numpy_save(eval_dir / f"{save_name}_bpd.npz", bpd=bpds)
+            atomic_numpy_save(eval_dir / f"{save_name}_bpd.npz", bpd=bpds)
             report.update(bpd=float(bpds.mean()), bpd_ode_nfe=nfe, bpd_num_full=num_full,
                           bpd_num_subspace=num_subspace)
             print(f"bits/dim {report['bpd']:.5f} over {len(bpds)} images; {num_full} full and "

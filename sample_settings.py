@@ -5,8 +5,8 @@ a finished one is extended with a larger sample count. Both are only sound when 
 from the same distribution with the same seeds, so the first run writes a JSON sidecar
 `NAME.settings.json` (config digest, plan, checkpoints with their sha256, sampler, seed, batch
 size) and every later run must present identical settings. The sample count is deliberately not
-part of the settings. Used by `run_lib` (`--mode eval`, `eval_subspace`) and
-`subspace_sample.py`, so both record and check the same way.
+part of the settings. Used by the round sampler (`sample_rounds`), so `--mode eval`,
+`eval_subspace` and `subspace_sample.py` record and check the same way.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from files import atomic_write_text
 
 # Config entries that do not change what is sampled: where it runs, and the evaluation switches
 # and counts (the sample count may grow between runs).
@@ -109,8 +111,6 @@ def check_settings(samples: str | os.PathLike, settings: Mapping[str, Any], exis
 
 def record_settings(samples: str | os.PathLike, settings: Mapping[str, Any]) -> Path:
     """Write the sidecar of `samples` atomically and return its path."""
-    from utils import atomic_write_text
-
     path = settings_path(samples)
     atomic_write_text(path, json.dumps(_plain(dict(settings)), indent=2, sort_keys=True) + "\n")
     return path

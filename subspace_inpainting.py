@@ -6,11 +6,10 @@ r"""Inpainting through the implicit subspace score, for a grid of cutoff times.
 Each row of the PNG grid is one evaluation image: the original, the masked input, then one
 inpainting per cutoff time (default 0, 0.2, ..., 1; 0 uses the subspace model at every t > 0, 1
 only the full model). With several subspace sizes (`--subspace 64,32 --time 0.4,0.6`) one plan
-is used. The config (default: LSUN Church) gives the sampler settings and the dataset.
+is used. The config (default: LSUN Church) gives the sampler settings and the dataset. The work
+happens in `subspace_run.inpaint`; this script defines and checks the flags.
 """
 from __future__ import annotations
-
-import logging
 
 from absl import flags
 from ml_collections.config_flags import config_flags
@@ -42,16 +41,9 @@ DEFAULT_TIMES = "0,0.2,0.4,0.6,0.8,1"
 
 
 def run(config) -> None:
-    """Inpaint the first evaluation images for every cutoff column and save the grid."""
-    import torch
-
-    import controllable_generation as cg
-    import datasets
-    import sde_lib
-    import subspace_lib as sl
-    from models import utils as mutils
-    from models.subspace_model import SubspaceScore, subspace_configs
-    from utils import load_model_weights, save_image_grid
+    """Check the flags, then inpaint the first evaluation images for every cutoff column and
+    save the grid (`subspace_run.inpaint`)."""
+    import subspace_run
 
     ckpt_full = FLAGS.checkpoint_full or FLAGS.ckpt_full
     ckpt_subspace = FLAGS.checkpoint_subspace or FLAGS.ckpt_subspace
@@ -66,45 +58,9 @@ def run(config) -> None:
         ("--subspace", "--time", "--checkpoint_subspace", "--checkpoint_full"))
     columns = [(t,) for t in times] if len(sizes) == 1 else [times]
     cli.check_writable(FLAGS.image_path, "--image_path", is_dir=False)
-    dataset = sl.stats_name_from_flag(FLAGS.dataset, config)
-    plans = [sl.SubspacePlan.from_statistics(config.data.image_size, sizes, column, dataset)
-             for column in columns]
-
-    config.eval.batch_size = FLAGS.batch_size
-    _, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
-    images = next(iter(eval_ds))["image"][:FLAGS.batch_size]
-    if len(images) < FLAGS.batch_size:
-        raise UsageError(f"--batch_size {FLAGS.batch_size} asks for more rows than the "
-                         f"evaluation set's {len(images)} images; use --batch_size "
-                         f"{len(images)} or less.")
-    sde, eps = sde_lib.get_sde(config)
-    device = mutils.config_device(config)
-    images = images.to(device)
-    full = load_model_weights(mutils.create_model(config), ckpt_full)
-    subs = [load_model_weights(mutils.create_model(cfg), path)
-            for cfg, path in zip(subspace_configs(config, sizes), ckpts)]
-    mask = cg.inpainting_mask(FLAGS.mask, images.shape).to(device)
-    scaler = datasets.get_data_scaler(config)
-    inpainter = cg.get_pc_inpainter(
-        sde, config.sampling.predictor, config.sampling.corrector,
-        datasets.get_data_inverse_scaler(config), snr=config.sampling.snr,
-        n_steps=config.sampling.n_steps_each, probability_flow=config.sampling.probability_flow,
-        continuous=config.training.continuous, denoise=config.sampling.noise_removal, eps=eps,
-        progress=FLAGS.progress)
-    seed = config.seed if FLAGS.seed is None else FLAGS.seed
-
-    rows = [images.cpu(), (images * mask).cpu()]
-    for plan in plans:
-        model = SubspaceScore(sde, full, subs, plan, config.data.centered)
-        torch.manual_seed(seed)
-        rows.append(inpainter(model, scaler(images), mask).cpu())
-        counts = ", ".join(f"{size}x{size} network {n}"
-                           for size, n in zip(plan.sizes, model.nfe_subspace))
-        print(f"cutoff {','.join(f'{t:g}' for t in plan.cutoffs)}: full network "
-              f"{model.nfe_full}, {counts} evaluations")
-    grid = torch.stack(rows, dim=1).flatten(0, 1).clamp(0, 1)
-    save_image_grid(grid, FLAGS.image_path, nrow=len(rows))
-    logging.info("Saved %d x %d grid to %s.", len(images), len(rows), FLAGS.image_path)
+    subspace_run.inpaint(config, sizes, columns, ckpt_full, ckpts, FLAGS.image_path,
+                         FLAGS.batch_size, FLAGS.mask, dataset=FLAGS.dataset, seed=FLAGS.seed,
+                         progress=FLAGS.progress)
 
 
 def main(argv) -> None:

@@ -241,8 +241,9 @@ def _cli() -> None:
     from analysis.batches import as_image_batch
     from analysis.cli import UsageError
     from cli import parse_float_list
+    from files import atomic_write_text
     from models import utils as mutils
-    from utils import atomic_write_text, load_model_weights
+    from models.checkpoints import load_model_weights
 
     FLAGS = flags.FLAGS
     config = FLAGS.config

@@ -137,44 +137,63 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: print and save the cutoff table of one or more divergence JSONs."""
-    import argparse
-    import sys
+def write_cutoff_tables(files: Sequence[str | os.PathLike], thresholds: Sequence[float],
+                        grid_points: int = GRID_POINTS,
+                        out: str | os.PathLike | None = None) -> Path:
+    """Print the cutoff table of each divergence JSON and save {thresholds, grid_points,
+    cutoffs: {file name: {size: {threshold: cutoff}}}} atomically to `out` (default:
+    cutoffs.json beside the first file); returns the path written."""
+    from files import atomic_write_text
 
-    from utils import atomic_write_text
-
-    parser = argparse.ArgumentParser(
-        prog="python -m analysis.cutoffs",
-        description="Cutoff times per orthogonal-Fisher-divergence threshold.")
-    parser.add_argument("files", nargs="+", help="divergence JSONs of `python -m "
-                        "analysis.divergence` (or the reference notebooks)")
-    parser.add_argument("--thresholds", default=",".join(repr(t) for t in DEFAULT_THRESHOLDS),
-                        help="comma-separated D_F thresholds (default: %(default)s)")
-    parser.add_argument("--grid_points", type=int, default=GRID_POINTS,
-                        help="number of grid times in [0, 1] (default: %(default)s)")
-    parser.add_argument("--out", default=None,
-                        help="JSON to write {file: {size: {threshold: cutoff}}} to "
-                             "(default: cutoffs.json beside the first file)")
-    args = parser.parse_args(argv)
-    try:
-        if args.grid_points < 2:
-            raise ValueError(f"--grid_points must be at least 2; got {args.grid_points}.")
-        thresholds = parse_thresholds(args.thresholds)
-        tables = {}
-        for file in args.files:
-            tables[Path(file).name] = cutoff_table(load_divergence(file), thresholds,
-                                                   args.grid_points)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if grid_points < 2:
+        raise ValueError(f"grid_points must be at least 2; got {grid_points}.")
+    if not files:
+        raise ValueError("Give one or more divergence JSONs of `python -m analysis.divergence`.")
+    tables = {Path(file).name: cutoff_table(load_divergence(file), thresholds, grid_points)
+              for file in files}
     print(format_cutoff_tables(tables))
-    out = Path(args.out) if args.out else Path(args.files[0]).parent / "cutoffs.json"
-    atomic_write_text(out, json.dumps({"thresholds": thresholds, "grid_points": args.grid_points,
+    out = Path(out) if out else Path(files[0]).parent / "cutoffs.json"
+    atomic_write_text(out, json.dumps({"thresholds": list(thresholds), "grid_points": grid_points,
                                        "cutoffs": tables}, indent=2) + "\n")
     print(f"saved {out}")
-    return 0
+    return out
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("thresholds", ",".join(repr(t) for t in DEFAULT_THRESHOLDS),
+                        "Comma-separated D_F thresholds.")
+    flags.DEFINE_integer("grid_points", GRID_POINTS, "Number of grid times in [0, 1].")
+    flags.DEFINE_string("out", None, "JSON to write {file: {size: {threshold: cutoff}}} to "
+                        "(default: cutoffs.json beside the first file).")
+
+
+def _cli(argv: Sequence[str]) -> None:
+    """python -m analysis.cutoffs DIV.json [MORE.json ...] [--thresholds ...] [--out ...]"""
+    from absl import flags
+
+    import cli
+    from analysis.cli import UsageError
+
+    FLAGS = flags.FLAGS
+    files = list(argv[1:])
+    if not files:
+        raise UsageError("Give one or more divergence JSONs of `python -m analysis.divergence` "
+                         "as arguments.")
+    cli.check_range(FLAGS.grid_points, "--grid_points", low=2)
+    try:
+        thresholds = parse_thresholds(FLAGS.thresholds)
+    except ValueError as error:
+        raise UsageError(f"--thresholds: {error}") from None
+    if FLAGS.out:
+        cli.check_writable(FLAGS.out, "--out", is_dir=False)
+    write_cutoff_tables(files, thresholds, FLAGS.grid_points, FLAGS.out)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import cli
+    from analysis.cli import run
+
+    _define_flags()
+    cli.start(lambda argv: run(_cli, argv))

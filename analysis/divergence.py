@@ -205,8 +205,9 @@ def _cli() -> None:
     import datasets
     from analysis import cutoffs
     from analysis.cli import UsageError, check_full_size
+    from files import atomic_write_text
     from models import utils as mutils
-    from utils import atomic_write_text, load_model_weights
+    from models.checkpoints import load_model_weights
 
     FLAGS = flags.FLAGS
     config = FLAGS.config

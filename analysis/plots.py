@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from analysis.cutoffs import mean_by_time
-from utils import atomic_write
+from files import atomic_write
 
 _FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 

@@ -400,8 +400,8 @@ def _cli() -> None:
     import cli
     import datasets
     from analysis.cli import UsageError, check_full_size, parse_sizes
+    from files import atomic_write_text
     from models.utils import config_device
-    from utils import atomic_write_text
 
     FLAGS = flags.FLAGS
     config = FLAGS.config

@@ -29,7 +29,6 @@ import datasets  # noqa: E402
 import evaluation  # noqa: E402
 import sde_lib  # noqa: E402
 import subspace_lib as sl  # noqa: E402
-import utils  # noqa: E402
 from demo_lib import (  # noqa: E402
     FULL_SIZE,
     STATS_NAME,
@@ -39,7 +38,9 @@ from demo_lib import (  # noqa: E402
     held_out_images,
     read_manifest,
 )
+from files import atomic_write, atomic_write_text
 from models import utils as mutils  # noqa: E402
+from models.checkpoints import load_model_weights
 from subspace_sampling import subspace_pc_sample, subspace_solver_sample  # noqa: E402
 
 PLAN_SIZES = (16, 8)
@@ -119,7 +120,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.plot([], [], "s", color="C1", label="subspace 16, 8")
         axis.legend(fontsize=7)
     figure.tight_layout()
-    with utils.atomic_write(path, "wb") as handle:
+    with atomic_write(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)
 
 
@@ -159,8 +160,8 @@ def main() -> None:
     networks = {}
     for size in (FULL_SIZE,) + PLAN_SIZES:
         config = demo_config(size, settings, device=torch.device("cpu"))
-        networks[size] = utils.load_model_weights(mutils.create_model(config),
-                                                  builtin_checkpoint_path(size))
+        networks[size] = load_model_weights(mutils.create_model(config),
+                                            builtin_checkpoint_path(size))
     cutoffs = tuple(float(manifest["cutoffs"]["values"][str(s)]) for s in PLAN_SIZES)
     plan = sl.SubspacePlan.from_statistics(FULL_SIZE, PLAN_SIZES, cutoffs, STATS_NAME)
     config = demo_config(FULL_SIZE, settings, device=torch.device("cpu"))
@@ -190,9 +191,9 @@ def main() -> None:
                   f"proxy FID {fid['value']:.1f} [{fid['low']:.1f}, {fid['high']:.1f}]",
                   flush=True)
     meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    utils.atomic_write_text(out / "bench_samplers.md", markdown(rows, meta))
-    utils.atomic_write_text(out / "bench_samplers.json",
-                            json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "bench_samplers.md", markdown(rows, meta))
+    atomic_write_text(out / "bench_samplers.json",
+                      json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     plot(rows, out / "bench_samplers.png")
     print(f"Wrote {out / 'bench_samplers.md'}, .json and .png.")
 

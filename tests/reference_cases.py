@@ -38,14 +38,14 @@ def expected(case_dir: Path) -> dict:
 @functools.cache
 def case_networks(case_dir: Path):
     """The case's config, meta.json, and its full and subspace networks (EMA weights, eval)."""
-    import utils
     from models import utils as mutils
+    from models.checkpoints import load_model_weights
     from models.subspace_model import subspace_configs
 
     config = case_config(case_dir)
     meta = json.loads((case_dir / "meta.json").read_text())
     (sub_config,) = subspace_configs(config, [meta["subspace_image_size"]])
-    full = utils.load_model_weights(mutils.create_model(config), case_dir / "checkpoint_full.pth")
-    sub = utils.load_model_weights(mutils.create_model(sub_config),
-                                   case_dir / "checkpoint_subspace.pth")
+    full = load_model_weights(mutils.create_model(config), case_dir / "checkpoint_full.pth")
+    sub = load_model_weights(mutils.create_model(sub_config),
+                             case_dir / "checkpoint_subspace.pth")
     return config, meta, full, sub

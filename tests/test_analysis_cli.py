@@ -71,7 +71,7 @@ def test_rmsd_cli_bad_input(tmp_path):
 @pytest.fixture(scope="module")
 def subvp_checkpoint(tmp_path_factory):
     import run_lib
-    import utils
+    from models.checkpoints import save_checkpoint
 
     config = _config("configs.builtin.subvp_ddpmpp_small")
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def subvp_checkpoint(tmp_path_factory):
             p.add_(0.02 * torch.randn_like(p))
     state["ema"] = type(state["ema"])(state["model"].parameters(), decay=0.999)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
-    utils.save_checkpoint(path, state)
+    save_checkpoint(path, state)
     return path
 
 
@@ -91,7 +91,7 @@ def test_divergence_cli_matches_library(subvp_checkpoint, tmp_path):
     import sde_lib
     from analysis.divergence import fisher_divergence
     from models import utils as mutils
-    from utils import load_model_weights
+    from models.checkpoints import load_model_weights
 
     out, plot = tmp_path / "div.json", tmp_path / "div.png"
     proc = _run("analysis.divergence", "--config", SUBVP_CONFIG, "--checkpoint",

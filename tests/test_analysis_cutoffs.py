@@ -1,6 +1,9 @@
 """Cutoff times from divergence JSONs (analysis.cutoffs) and the divergence plot."""
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,13 +41,20 @@ def test_reference_means_per_time_and_nan_rows(reference_dir):
         np.testing.assert_allclose(means[1:], ref[1:], rtol=1e-13, atol=0)
 
 
-def test_cli_prints_and_saves_table(reference_dir, tmp_path, capsys):
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m analysis.cutoffs ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "analysis.cutoffs", *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_prints_and_saves_table(reference_dir, tmp_path):
     expected = _expected(reference_dir)
     names = ["cifar10_ncsnpp_continuous.json", "cifar10_ddpmpp_deep_continuous.json"]
     out = tmp_path / "table.json"
-    code = cutoffs.main([str(reference_dir / "divergence" / n) for n in names]
-                        + ["--thresholds", "1e-4,3e-3,3e-2", "--out", str(out)])
-    assert code == 0
+    result = _cli(*[str(reference_dir / "divergence" / n) for n in names],
+                  "--thresholds", "1e-4,3e-3,3e-2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
     saved = json.loads(out.read_text())
     assert saved["thresholds"] == [1e-4, 3e-3, 3e-2]
     for name in names:
@@ -52,7 +62,7 @@ def test_cli_prints_and_saves_table(reference_dir, tmp_path, capsys):
             want = {k: v for k, v in expected["cutoffs"][name][dim].items()
                     if k in ("0.0001", "0.003", "0.03")}
             assert saved["cutoffs"][name][dim] == want
-    printed = capsys.readouterr().out
+    printed = result.stdout
     assert "cifar10_ncsnpp_continuous.json" in printed and "0.416" in printed
     assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # no temporary leftovers
 
@@ -95,7 +105,16 @@ def test_bad_input_messages(tmp_path):
         cutoffs.load_divergence(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="comma-separated"):
         cutoffs.parse_thresholds("1e-4,abc")
-    assert cutoffs.main([str(tmp_path / "missing.json")]) == 1
+    with pytest.raises(ValueError, match="one or more divergence JSONs"):
+        cutoffs.write_cutoff_tables([], [1e-3])
+    result = _cli(str(tmp_path / "missing.json"), "--thresholds", "1e-3")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "analysis.divergence" in lines[0]
+    result = _cli(str(tmp_path / "missing.json"), "--thresholds", "1e-3,abc")
+    assert result.stderr.strip().splitlines() == [
+        "error: --thresholds: Thresholds '1e-3,abc' are not comma-separated numbers, e.g. "
+        "1e-4,3e-3."]
 
 
 def test_divergence_plot_written_atomically(tmp_path):

@@ -37,14 +37,14 @@ def test_subspace_notebook(tmp_path, monkeypatch):
 @pytest.fixture
 def ve_checkpoint(tmp_path_factory):
     import run_lib
-    import utils
     from configs.builtin import ve_ncsnpp_small
+    from models.checkpoints import save_checkpoint
 
     config = ve_ncsnpp_small.get_config()
     torch.manual_seed(0)
     state = run_lib.create_train_state(config, torch.device("cpu"))
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint_1.pth"
-    utils.save_checkpoint(path, state)
+    save_checkpoint(path, state)
     return path
 
 

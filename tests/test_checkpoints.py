@@ -8,8 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-import utils
 from models import utils as mutils
+from models.checkpoints import (
+    CheckpointError,
+    CorruptCheckpointError,
+    StateDictMismatchError,
+    load_model_weights,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from models.ema import ExponentialMovingAverage
 
 
@@ -198,7 +205,7 @@ def saved(tmp_path_factory):
     state = tiny_state(tiny_config(), seed=0)
     train(state, 1)
     path = tmp_path_factory.mktemp("checkpoints") / "checkpoint_1.pth"
-    utils.save_checkpoint(path, state)
+    save_checkpoint(path, state)
     return state, path
 
 
@@ -223,7 +230,7 @@ def test_save_restore_round_trip(saved):
     config = tiny_config()
     fresh = tiny_state(config, seed=1)
     assert not torch.equal(_output(fresh["model"], config), _output(state["model"], config))
-    restored = utils.restore_checkpoint(path, fresh, device="cpu")
+    restored = restore_checkpoint(path, fresh, device="cpu")
     assert restored is fresh and fresh["step"] == 1
     for (k, a), b in zip(fresh["model"].state_dict().items(), state["model"].state_dict().values()):
         assert a.dtype == b.dtype and torch.equal(a, b), k
@@ -250,12 +257,12 @@ def test_dataparallel_models_are_unwrapped(saved, tmp_path):
     state, path = saved
     wrapped = dict(state, model=nn.DataParallel(state["model"]))
     other = tmp_path / "wrapped.pth"
-    utils.save_checkpoint(other, wrapped)
+    save_checkpoint(other, wrapped)
     keys = list(torch.load(other, weights_only=True)["model"])
     assert keys == list(torch.load(path, weights_only=True)["model"])
     target = tiny_state(tiny_config(), seed=3)
     target["model"] = nn.DataParallel(target["model"])
-    utils.restore_checkpoint(other, target, "cpu")
+    restore_checkpoint(other, target, "cpu")
     assert torch.equal(_output(target["model"].module, tiny_config()),
                        _output(state["model"], tiny_config()))
 
@@ -263,14 +270,14 @@ def test_dataparallel_models_are_unwrapped(saved, tmp_path):
 def test_inference_loader_takes_ema_weights(saved):
     state, path = saved
     config = tiny_config()
-    model = utils.load_model_weights(mutils.create_model(config), path)
+    model = load_model_weights(mutils.create_model(config), path)
     assert not model.training
     state["ema"].store(state["model"].parameters())
     state["ema"].copy_to(state["model"].parameters())
     expected = _output(state["model"], config)
     state["ema"].restore(state["model"].parameters())
     assert torch.equal(_output(model, config), expected)
-    raw = utils.load_model_weights(mutils.create_model(config), path, use_ema=False)
+    raw = load_model_weights(mutils.create_model(config), path, use_ema=False)
     assert torch.equal(_output(raw, config), _output(state["model"], config))
     assert not torch.equal(expected, _output(state["model"], config))
 
@@ -285,11 +292,11 @@ def test_bare_and_unprefixed_state_dicts_load(saved, tmp_path):
     prefixed = tmp_path / "prefixed.pth"
     torch.save({"module." + k: v for k, v in weights.items()}, prefixed)
     for path in (bare, prefixed):
-        model = utils.load_model_weights(mutils.create_model(config), path)
+        model = load_model_weights(mutils.create_model(config), path)
         assert torch.equal(_output(model, config), expected), path
     extra = dict(weights, stray=torch.zeros(1))
-    with pytest.raises(utils.StateDictMismatchError, match="not in the model: stray"):
-        utils.load_model_weights(mutils.create_model(config), extra)
+    with pytest.raises(StateDictMismatchError, match="not in the model: stray"):
+        load_model_weights(mutils.create_model(config), extra)
 
 
 def test_unknown_model_name():
@@ -301,12 +308,12 @@ def test_missing_checkpoint_file(tmp_path, caplog):
     state = tiny_state(tiny_config(), seed=0)
     path = tmp_path / "nowhere" / "checkpoint.pth"
     with pytest.raises(FileNotFoundError, match=f"No checkpoint file at {path}"):
-        utils.restore_checkpoint(path, state, "cpu")
+        restore_checkpoint(path, state, "cpu")
     with pytest.raises(FileNotFoundError, match="No checkpoint file at"):
-        utils.load_model_weights(state["model"], path)
+        load_model_weights(state["model"], path)
     before = {k: v.clone() for k, v in state["model"].state_dict().items()}
     with caplog.at_level(logging.INFO):
-        assert utils.restore_checkpoint(path, state, "cpu", missing_ok=True) is state
+        assert restore_checkpoint(path, state, "cpu", missing_ok=True) is state
     assert "No checkpoint found at" in caplog.text
     assert state["step"] == 0
     assert all(torch.equal(v, before[k]) for k, v in state["model"].state_dict().items())
@@ -317,26 +324,26 @@ def test_truncated_checkpoint(saved, tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     state = tiny_state(tiny_config(), seed=0)
-    with pytest.raises(utils.CorruptCheckpointError,
+    with pytest.raises(CorruptCheckpointError,
                        match=f"Cannot read checkpoint {broken}: the file is truncated or corrupt"):
-        utils.restore_checkpoint(broken, state, "cpu")
-    with pytest.raises(utils.CorruptCheckpointError, match="truncated or corrupt"):
-        utils.load_model_weights(state["model"], broken)
+        restore_checkpoint(broken, state, "cpu")
+    with pytest.raises(CorruptCheckpointError, match="truncated or corrupt"):
+        load_model_weights(state["model"], broken)
 
 
 def test_files_that_are_not_checkpoints(tmp_path):
     state = tiny_state(tiny_config(), seed=0)
     listing = tmp_path / "list.pth"
     torch.save([1, 2], listing)
-    with pytest.raises(utils.CheckpointError, match="is not a training checkpoint"):
-        utils.restore_checkpoint(listing, state, "cpu")
-    with pytest.raises(utils.CheckpointError,
+    with pytest.raises(CheckpointError, match="is not a training checkpoint"):
+        restore_checkpoint(listing, state, "cpu")
+    with pytest.raises(CheckpointError,
                        match="is neither a training checkpoint .* nor a state dict"):
-        utils.load_model_weights(state["model"], listing)
+        load_model_weights(state["model"], listing)
     pickled = tmp_path / "module.pth"
     torch.save(Tiny(), pickled)
-    with pytest.raises(utils.CheckpointError, match="holds Python objects other than tensors"):
-        utils.restore_checkpoint(pickled, state, "cpu")
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors"):
+        restore_checkpoint(pickled, state, "cpu")
 
 
 def test_wrong_config_is_one_clear_error(saved):
@@ -347,14 +354,14 @@ def test_wrong_config_is_one_clear_error(saved):
             (tiny_config(image_size=16), "does not fit the model, likely a wrong")):
         state = tiny_state(config, seed=0)
         before = {k: v.clone() for k, v in state["model"].state_dict().items()}
-        with pytest.raises(utils.StateDictMismatchError, match=message) as info:
-            utils.restore_checkpoint(path, state, "cpu")
+        with pytest.raises(StateDictMismatchError, match=message) as info:
+            restore_checkpoint(path, state, "cpu")
         assert str(path) in str(info.value)
         assert state["step"] == 0 and state["ema"].num_updates == 0
         assert not state["optimizer"].state_dict()["state"]
         assert all(torch.equal(v, before[k]) for k, v in state["model"].state_dict().items())
-        with pytest.raises(utils.StateDictMismatchError, match=message):
-            utils.load_model_weights(mutils.create_model(config), path)
+        with pytest.raises(StateDictMismatchError, match=message):
+            load_model_weights(mutils.create_model(config), path)
 
 
 def test_ema_of_another_model_is_rejected(saved, tmp_path):
@@ -366,12 +373,12 @@ def test_ema_of_another_model_is_rejected(saved, tmp_path):
     n = len(ck["ema"]["shadow_params"])
     message = f"holds {n} averaged tensors but the model has {n + 1} trainable parameters"
     state = tiny_state(tiny_config(), seed=0)
-    with pytest.raises(utils.StateDictMismatchError, match=message):
-        utils.restore_checkpoint(bad, state, "cpu")
+    with pytest.raises(StateDictMismatchError, match=message):
+        restore_checkpoint(bad, state, "cpu")
     assert state["step"] == 0
-    with pytest.raises(utils.StateDictMismatchError, match=message):
-        utils.load_model_weights(state["model"], bad)
-    assert utils.load_model_weights(state["model"], bad, use_ema=False) is state["model"]
+    with pytest.raises(StateDictMismatchError, match=message):
+        load_model_weights(state["model"], bad)
+    assert load_model_weights(state["model"], bad, use_ema=False) is state["model"]
 
 
 def test_optimizer_state_is_optional(saved, tmp_path):
@@ -381,11 +388,18 @@ def test_optimizer_state_is_optional(saved, tmp_path):
     odd = tmp_path / "odd_optimizer.pth"
     torch.save(ck, odd)
     config = tiny_config()
-    with pytest.raises(utils.CheckpointError, match="The optimizer state in .* does not fit the "
+    with pytest.raises(CheckpointError, match="The optimizer state in .* does not fit the "
                                                     "optimizer"):
-        utils.restore_checkpoint(odd, tiny_state(config, seed=0), "cpu")
+        restore_checkpoint(odd, tiny_state(config, seed=0), "cpu")
     sampling_state = tiny_state(config, seed=0)
     del sampling_state["optimizer"]
-    utils.restore_checkpoint(odd, sampling_state, "cpu")
+    restore_checkpoint(odd, sampling_state, "cpu")
     assert sampling_state["step"] == 1
     assert torch.equal(_output(sampling_state["model"], config), _output(state["model"], config))
+
+
+def test_save_checkpoint_needs_a_complete_state(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    with pytest.raises(ValueError, match="the state lacks optimizer, ema"):
+        save_checkpoint(path, {"model": torch.nn.Linear(1, 1), "step": 0})
+    assert not path.exists()

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import demo_lib
-import utils
 from models import utils as mutils
+from models.checkpoints import load_model_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,8 +125,8 @@ def test_exported_weights_load_strictly_and_match_the_ema(smoke, tmp_path):
     out = demo_lib.export_ema_weights(checkpoint, config, tmp_path / "w.pth")
     assert "optimizer" not in torch.load(out, weights_only=True)
     assert out.stat().st_size < checkpoint.stat().st_size / 2
-    exported = utils.load_model_weights(mutils.create_model(config), out)
-    original = utils.load_model_weights(mutils.create_model(config), checkpoint, use_ema=True)
+    exported = load_model_weights(mutils.create_model(config), out)
+    original = load_model_weights(mutils.create_model(config), checkpoint, use_ema=True)
     x, labels = torch.randn(2, 3, 16, 16), torch.tensor([100.0, 900.0])
     with torch.no_grad():
         torch.testing.assert_close(exported(x, labels), original(x, labels), rtol=0, atol=0)

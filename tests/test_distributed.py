@@ -16,9 +16,9 @@ import distributed
 import losses
 import run_lib
 import sde_lib
-import utils
 from configs.builtin.subvp_ddpmpp_small import get_config
 from models import utils as mutils
+from models.checkpoints import restore_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "configs/builtin/subvp_ddpmpp_small.py"
@@ -240,7 +240,7 @@ def test_two_processes_train_the_parameters_of_one(runs):
 def test_two_process_checkpoint_loads_in_one_process(runs):
     state = run_lib.create_train_state(_config(runs["root"]), torch.device("cpu"))
     path = runs["pair"] / "checkpoints" / "checkpoint_1.pth"
-    state = utils.restore_checkpoint(path, state, torch.device("cpu"))
+    state = restore_checkpoint(path, state, torch.device("cpu"))
     assert state["step"] == TRAIN_STEPS + 1
     assert torch.equal(state["model"].state_dict()["all_modules.0.weight"],
                        runs["first_pair"]["model"]["module.all_modules.0.weight"])
@@ -293,7 +293,7 @@ def _untrained_checkpoints(config, folder: Path) -> dict[int, Path]:
     for cfg in [config] + subspace_configs(config, (16,)):
         model = mutils.create_model(cfg)
         paths[cfg.data.image_size] = folder / f"checkpoint_{cfg.data.image_size}.pth"
-        utils.save_checkpoint(paths[cfg.data.image_size], dict(
+        save_checkpoint(paths[cfg.data.image_size], dict(
             optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
             ema=ExponentialMovingAverage(model.parameters(), decay=0.999), step=0))
     return paths

@@ -6,9 +6,9 @@ import datasets
 import run_lib
 import sde_lib
 import subspace_lib
-import utils
 from configs.builtin import subvp_ddpmpp_small, ve_ncsnpp_small
 from models import utils as mutils
+from models.checkpoints import load_model_weights, save_checkpoint
 
 
 def _config(size: int = 8, on: bool = True):
@@ -121,7 +121,7 @@ def test_statistics_come_from_the_training_data_and_survive_checkpoints(tmp_path
     torch.testing.assert_close(net.dc_mean, dc.mean(0))
     torch.testing.assert_close(net.dc_cov, torch.cov(dc.T))
     path = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint(path, state)
-    loaded = utils.load_model_weights(mutils.create_model(config), path)
+    save_checkpoint(path, state)
+    loaded = load_model_weights(mutils.create_model(config), path)
     torch.testing.assert_close(loaded.dc_cov, net.dc_cov)
     assert list(loaded.state_dict())[:3] == ["sigmas", "dc_mean", "dc_cov"]

@@ -10,12 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Command lines and their plumbing: nothing below them may import these. `cli` is the planned
-# home of the command-line helpers; `utils` re-exports them, so it counts as plumbing too.
+# Command lines, their plumbing and the orchestration behind them: nothing below them may import
+# these. `cli` holds the command-line helpers; `utils` re-exports them, so it counts as plumbing.
 ENTRY_SCRIPTS = {"main", "subspace_sample", "subspace_inpainting", "demo", "compute_dataset_stats"}
-UPPER = ENTRY_SCRIPTS | {"run_lib", "demo_lib", "cli", "utils"}
+ORCHESTRATION = {"run_lib", "subspace_run", "sample_rounds", "demo_lib"}
+UPPER = ENTRY_SCRIPTS | ORCHESTRATION | {"cli", "utils"}
 # The foundations import only each other (and op/, the bottom layer).
-FOUNDATIONS = {"models", "op", "sde_lib", "subspace_lib", "files", "registry", "distributed"}
+FOUNDATIONS = {"models", "op", "sde_lib", "subspace_lib", "files", "registry", "distributed",
+               "errors"}
 
 
 def _node(path: Path, root: Path) -> str:
@@ -23,23 +25,32 @@ def _node(path: Path, root: Path) -> str:
     return path.relative_to(root).parts[0].removesuffix(".py")
 
 
+def python_files(root: Path) -> list[Path]:
+    """Every .py file under `root`, hidden folders such as .venv skipped."""
+    return [p for p in sorted(root.rglob("*.py"))
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute module names a file imports, anywhere in it (relative imports left out)."""
+    names: set[str] = set()
+    for statement in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(statement, ast.Import):
+            names |= {alias.name for alias in statement.names}
+        elif isinstance(statement, ast.ImportFrom) and statement.level == 0:
+            names.add(statement.module)
+    return names
+
+
 def import_graph(root: Path) -> dict[str, set[str]]:
     """{node: the other project nodes it imports} over every .py file under `root` (hidden
     folders such as .venv skipped); relative imports stay inside their package."""
-    files = [p for p in sorted(root.rglob("*.py"))
-             if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    files = python_files(root)
     nodes = {_node(p, root) for p in files}
     graph: dict[str, set[str]] = {node: set() for node in nodes}
     for path in files:
         node = _node(path, root)
-        for statement in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            if isinstance(statement, ast.Import):
-                names = [alias.name for alias in statement.names]
-            elif isinstance(statement, ast.ImportFrom) and statement.level == 0:
-                names = [statement.module]
-            else:
-                continue
-            graph[node] |= {n.split(".")[0] for n in names} & (nodes - {node})
+        graph[node] |= {n.split(".")[0] for n in imported_modules(path)} & (nodes - {node})
     return graph
 
 
@@ -100,3 +111,13 @@ def test_configs_and_library_code_import_no_entry_script():
     for node in sorted(set(graph) - ENTRY_SCRIPTS - {"tests", "bench"}):
         entry = sorted(graph[node] & ENTRY_SCRIPTS)
         assert not entry, f"{node} imports the entry script(s) {entry}"
+
+
+def test_only_the_compatibility_test_imports_utils():
+    # `utils` re-exports the original names for code written against the original; the
+    # project's own modules, scripts, benchmarks and tests import the names' homes.
+    allowed = {Path("tests/test_compat_names.py")}
+    importers = sorted(str(p.relative_to(ROOT)) for p in python_files(ROOT)
+                       if p.relative_to(ROOT) not in allowed
+                       and "utils" in imported_modules(p))
+    assert importers == [], f"import the homes instead of utils: {importers}"

@@ -22,8 +22,8 @@ from test_subspace_cli import checkpoints, run_cli  # noqa: F401  (fixture)
 
 import sde_lib
 import subspace_lib as sl
-import utils
 from models import utils as mutils
+from models.checkpoints import load_model_weights
 from models.subspace_model import subspace_configs
 from subspace_sampling import subspace_pc_sample
 
@@ -75,10 +75,10 @@ def _recorded_run(case_dir, N: int, cutoff: float, legacy: bool):
     meta = json.loads((case_dir / "meta.json").read_text())
     (sub_config,) = subspace_configs(config, [meta["subspace_image_size"]])
     log: list = []
-    full = Recorder("full", utils.load_model_weights(mutils.create_model(config),
-                                                     case_dir / "checkpoint_full.pth"), log)
-    sub = Recorder("subspace", utils.load_model_weights(mutils.create_model(sub_config),
-                                                        case_dir / "checkpoint_subspace.pth"), log)
+    full = Recorder("full", load_model_weights(mutils.create_model(config),
+                                               case_dir / "checkpoint_full.pth"), log)
+    sub = Recorder("subspace", load_model_weights(mutils.create_model(sub_config),
+                                                  case_dir / "checkpoint_subspace.pth"), log)
     sde, default_eps = sde_lib.get_sde(config)
     sde.N = N  # a short schedule; the rules hold for any N
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, meta["subspace_image_size"],

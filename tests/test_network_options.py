@@ -16,8 +16,8 @@ import likelihood
 import losses
 import sampling
 import sde_lib
-import utils
 from models import utils as mutils
+from models.checkpoints import load_model_weights
 from models.ema import ExponentialMovingAverage
 
 RELATIVE_TOL = 1e-5
@@ -36,7 +36,7 @@ def demo_network(size: int, memory_format: str = "auto") -> tuple[torch.nn.Modul
     config = demo_lib.demo_config(size, demo_lib.DemoSettings.for_mode("quick"),
                                   device=torch.device("cpu"))
     config.model.memory_format = memory_format
-    return utils.load_model_weights(mutils.create_model(config), path, device="cpu"), config
+    return load_model_weights(mutils.create_model(config), path, device="cpu"), config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,8 +54,8 @@ def test_channels_last_equals_contiguous_on_the_reference_cases(reference_dir, c
         for memory_format in ("contiguous", "channels_last"):
             config = case_config(case_dir, size)
             config.model.memory_format = memory_format
-            model = utils.load_model_weights(mutils.create_model(config),
-                                             case_dir / f"checkpoint_{which}.pth", device="cpu")
+            model = load_model_weights(mutils.create_model(config),
+                                       case_dir / f"checkpoint_{which}.pth", device="cpu")
             assert mutils.model_memory_format(model) == mutils.resolve_memory_format(
                 memory_format, "cpu", image_size=size)
             score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)

@@ -14,8 +14,8 @@ import torch
 from reference_cases import CASES, case_config, expected
 
 import sde_lib
-import utils
 from models import utils as mutils
+from models.checkpoints import load_model_weights, restore_checkpoint, save_checkpoint
 from models.ema import ExponentialMovingAverage
 
 RELATIVE_TOL = 1e-5
@@ -35,9 +35,9 @@ def build(case_dir: Path, which: str):
 
 @functools.cache
 def ema_model(case_dir: Path, which: str):
-    """The case network with its EMA weights, loaded by `utils.load_model_weights` (eval mode)."""
+    """The case network with its EMA weights, loaded by `load_model_weights` (eval mode)."""
     model = build(case_dir, which)
-    return utils.load_model_weights(model, case_dir / f"checkpoint_{which}.pth", device="cpu")
+    return load_model_weights(model, case_dir / f"checkpoint_{which}.pth", device="cpu")
 
 
 def assert_close_per_t(ours: torch.Tensor, exp: torch.Tensor, what: str,
@@ -130,8 +130,8 @@ def _index_of(e: dict, t: float) -> int:
 
 def test_raw_weights_give_the_debugging_output_not_the_ema_one(case_dir):
     e = expected(case_dir)
-    model = utils.load_model_weights(build(case_dir, FULL), case_dir / "checkpoint_full.pth",
-                                     use_ema=False)
+    model = load_model_weights(build(case_dir, FULL), case_dir / "checkpoint_full.pth",
+                               use_ema=False)
     i = _index_of(e, 0.3)
     with torch.no_grad():
         out = model(e["x"], e["labels"][i])
@@ -155,7 +155,7 @@ def _training_state(case_dir: Path, which: str, seed: int) -> dict:
 def test_restore_checkpoint_fills_a_training_state(case_dir):
     ck = raw_checkpoint(case_dir, FULL)
     state = _training_state(case_dir, FULL, seed=0)
-    utils.restore_checkpoint(case_dir / "checkpoint_full.pth", state, device="cpu")
+    restore_checkpoint(case_dir / "checkpoint_full.pth", state, device="cpu")
     assert state["step"] == ck["step"] == 1234
     assert state["ema"].decay == ck["ema"]["decay"]
     assert state["ema"].num_updates == ck["ema"]["num_updates"]
@@ -196,14 +196,14 @@ def _assert_same_format(ours: dict, ref: dict) -> None:
 def test_resaved_checkpoint_has_the_reference_format_and_outputs(case_dir, which,
                                                                   tmp_path):
     source = case_dir / f"checkpoint_{which}.pth"
-    state = utils.restore_checkpoint(source, _training_state(case_dir, which, seed=1), "cpu")
+    state = restore_checkpoint(source, _training_state(case_dir, which, seed=1), "cpu")
     resaved = tmp_path / "checkpoint.pth"
-    utils.save_checkpoint(resaved, state)
+    save_checkpoint(resaved, state)
     _assert_same_format(torch.load(resaved, weights_only=True), raw_checkpoint(case_dir, which))
 
     e = expected(case_dir)
     x = e["x"] if which == FULL else e["x_sub"]
-    reloaded = utils.load_model_weights(build(case_dir, which), resaved)
+    reloaded = load_model_weights(build(case_dir, which), resaved)
     with torch.no_grad():
         for labels in e["labels"][::3]:  # the first and the last time
             assert torch.equal(reloaded(x, labels), ema_model(case_dir, which)(x, labels))

@@ -183,15 +183,15 @@ def test_compute_bpd_on_trained_checkpoint(tmp_path):
     import likelihood
     import run_lib
     import sde_lib
-    import utils
     from models import utils as mutils
+    from models.checkpoints import load_model_weights
 
     config = _config()
     config.training.n_iters = 1
     config.training.snapshot_sampling = False
     run_lib.train(config, tmp_path, progress=False)
-    model = utils.load_model_weights(mutils.create_model(config),
-                                     tmp_path / "checkpoints" / "checkpoint_1.pth")
+    model = load_model_weights(mutils.create_model(config),
+                               tmp_path / "checkpoints" / "checkpoint_1.pth")
     sde, _ = sde_lib.get_sde(config)
     likelihood_fn = likelihood.get_likelihood_fn(sde, datasets.get_data_inverse_scaler(config))
     bpds, nfe = run_lib.compute_bpd(likelihood_fn, model, config,

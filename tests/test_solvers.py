@@ -222,7 +222,7 @@ def test_windowed_run_equals_unsplit_run(solver, options):
 
 
 def test_get_sampling_fn_dispatches_the_solvers():
-    ml_collections = pytest.importorskip("ml_collections")
+    import ml_collections
     config = ml_collections.ConfigDict({
         "device": "cpu",
         "training": {"continuous": True},

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import losses
-import utils
 from configs.builtin import ve_ncsnpp_small
 from models import utils as mutils
+from models.checkpoints import load_model_weights, save_checkpoint
 from models.ema import ExponentialMovingAverage
 from models.subspace_model import subspace_configs
 
@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory) -> dict[int, Path]:
                      ema=ExponentialMovingAverage(model.parameters(), decay=cfg.model.ema_rate),
                      step=0)
         paths[cfg.data.image_size] = folder / f"checkpoint_{cfg.data.image_size}.pth"
-        utils.save_checkpoint(paths[cfg.data.image_size], state)
+        save_checkpoint(paths[cfg.data.image_size], state)
     return paths
 
 
@@ -58,6 +58,9 @@ def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
     assert first.returncode == 0, first.stderr
     saved = np.load(tmp_path / "run.npy")
     assert saved.shape == (2, 32, 32, 3) and saved.dtype == np.uint8
+    # The round is kept in the evaluation format, which the resumed runs below start from.
+    with np.load(tmp_path / "run" / "samples_0.npz") as archive:
+        np.testing.assert_array_equal(archive["samples"], saved)
     table = first.stdout.splitlines()
     rows = {int(line.split()[0]): line.split() for line in table if line.split()[:1]
             and line.split()[0].isdigit()}
@@ -154,9 +157,15 @@ def test_load_subspace_model_for_notebooks(checkpoints):
     assert not model.training
     sde, _ = sde_lib.get_sde(config)
     score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+    x, t = torch.rand(3, 3, 32, 32), torch.tensor([0.2, 0.55, 0.9])
     with torch.no_grad():
-        out = score_fn(torch.rand(3, 3, 32, 32), torch.tensor([0.2, 0.55, 0.9]))
-    assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
+        out = score_fn(x, t)
+    assert out.shape == (3, 3, 32, 32)
     assert (model.nfe_full, model.nfe_subspace) == (1, [1, 1])
+    # Below both cutoffs the implicit score is the full network's score.
+    full = load_model_weights(mutils.create_model(config), checkpoints[32])
+    with torch.no_grad():
+        expected = mutils.get_score_fn(sde, full, train=False, continuous=True)(x[:1], t[:1])
+    torch.testing.assert_close(out[:1], expected)
     with pytest.raises(ValueError, match="give one --ckpt_subspace per size"):
         load_subspace_model(config, checkpoints[32], [checkpoints[16]], "16,8", "0.5,0.6")

@@ -88,8 +88,8 @@ def test_steps_are_split_by_the_share_of_the_schedule():
 def test_continuous_checkpoints_load_with_any_num_scales(reference_dir):
     from reference_cases import CASES, case_config
 
-    import utils
     from models import utils as mutils
+    from models.checkpoints import load_model_weights
 
     for case in CASES:
         path = reference_dir / case / "checkpoint_full.pth"
@@ -97,7 +97,7 @@ def test_continuous_checkpoints_load_with_any_num_scales(reference_dir):
         for num_scales in (1000, 50):
             config = case_config(reference_dir / case, 32)
             config.model.num_scales = num_scales
-            model = utils.load_model_weights(mutils.create_model(config), path)
+            model = load_model_weights(mutils.create_model(config), path)
             assert model.sigmas.shape == (num_scales,)
             torch.testing.assert_close(model.sigmas, mutils.get_sigmas(config), rtol=1e-13,
                                        atol=0)
@@ -109,9 +109,9 @@ def test_continuous_checkpoints_load_with_any_num_scales(reference_dir):
 
 
 def test_discrete_time_checkpoints_still_check_num_scales(tmp_path):
-    import utils
     from configs.builtin import ve_ncsnpp_small
     from models import utils as mutils
+    from models.checkpoints import StateDictMismatchError, load_model_weights
 
     config = ve_ncsnpp_small.get_config()
     config.device = torch.device("cpu")
@@ -120,9 +120,9 @@ def test_discrete_time_checkpoints_still_check_num_scales(tmp_path):
     config.model.update(embedding_type="positional", num_scales=10)
     torch.save(mutils.create_model(config).state_dict(), tmp_path / "discrete.pth")
     config.model.num_scales = 6
-    with pytest.raises(utils.StateDictMismatchError,
+    with pytest.raises(StateDictMismatchError,
                        match=r"the checkpoint's sigmas is \[10\], the model's is \[6\]"):
-        utils.load_model_weights(mutils.create_model(config), tmp_path / "discrete.pth")
+        load_model_weights(mutils.create_model(config), tmp_path / "discrete.pth")
 
 
 def test_published_checkpoint_samples_with_other_step_counts(reference_dir, tmp_path):

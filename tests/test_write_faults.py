@@ -8,7 +8,7 @@ from test_run_lib import _config as tiny_config
 
 import cli
 import run_lib
-import utils
+from models.checkpoints import restore_checkpoint
 
 
 def _config(n_iters: int):
@@ -53,4 +53,4 @@ def test_failed_checkpoint_write_is_one_sentence_and_keeps_last_checkpoint(
     assert {p: p.read_bytes() for p in tmp_path.rglob("*.pth")} == before
     assert not list(tmp_path.rglob("*.tmp"))
     state = run_lib.create_train_state(_config(1), torch.device("cpu"))
-    assert int(utils.restore_checkpoint(meta, state, "cpu")["step"]) == 2
+    assert int(restore_checkpoint(meta, state, "cpu")["step"]) == 2

@@ -1,0 +1,103 @@
+"""The one resumable round sampler (`sample_rounds.RoundSampler`): which rounds it draws, with
+which seed and size, what it writes, and what it refuses; a stand-in draw function makes the
+samples from the torch generator, so each round's content follows from its seed alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sample_settings
+from sample_rounds import Round, RoundSampler, round_sizes
+
+SETTINGS = {"command": "test", "seed": 7, "batch": 2}
+
+
+def seed_of_round(r: int) -> int:
+    return 7 + r
+
+
+def expected_round(r: int, size: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed_of_round(r))
+    return torch.randint(0, 256, (size, 2, 2, 3), generator=generator, dtype=torch.uint8).numpy()
+
+
+def run(folder, total, calls, settings=SETTINGS, output=None):
+    def draw(r: int, size: int) -> Round:
+        calls.append((r, size, torch.initial_seed()))
+        return Round(torch.randint(0, 256, (size, 2, 2, 3), dtype=torch.uint8).numpy(), info=r)
+
+    return RoundSampler(folder, total, 2, seed_of_round, settings, output=output,
+                        image_shape=(2, 2, 3)).run(draw)
+
+
+def test_round_sizes_cut_the_last_round():
+    assert round_sizes(5, 2) == [2, 2, 1]
+    assert round_sizes(4, 2) == [2, 2]
+    assert round_sizes(1, 8) == [1]
+
+
+def test_rounds_are_seeded_written_resumed_and_extended(tmp_path):
+    folder, output = tmp_path / "run", tmp_path / "run.npy"
+    calls = []
+    result = run(folder, 5, calls, output=output)
+    assert calls == [(0, 2, 7), (1, 2, 8), (2, 1, 9)]
+    assert result.drawn == [(0, 0), (1, 1), (2, 2)]
+    expected = np.concatenate([expected_round(r, n) for r, n in enumerate([2, 2, 1])])
+    np.testing.assert_array_equal(result.samples, expected)
+    np.testing.assert_array_equal(np.load(output), expected)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "samples_0.npz", "samples_1.npz", "samples_2.npz"]
+    with np.load(folder / "samples_1.npz") as archive:
+        np.testing.assert_array_equal(archive["samples"], expected_round(1, 2))
+    assert (tmp_path / "run.settings.json").is_file()
+
+    # A lost round is drawn again, alone, with its own seed; a temporary left by a killed write
+    # of a round is removed, other files are not.
+    (folder / "samples_1.npz").unlink()
+    (folder / ".samples_1.npz.abc.tmp").write_bytes(b"killed")
+    (folder / ".notes.txt.abc.tmp").write_bytes(b"someone else's")
+    calls = []
+    result = run(folder, 5, calls, output=output)
+    assert calls == [(1, 2, 8)] and result.drawn == [(1, 1)]
+    np.testing.assert_array_equal(result.samples, expected)
+    assert sorted(p.name for p in folder.glob(".*.tmp")) == [".notes.txt.abc.tmp"]
+
+    # More samples: the cut last round is drawn again in full, then one more round.
+    calls = []
+    result = run(folder, 7, calls, output=output)
+    assert calls == [(2, 2, 9), (3, 1, 10)]
+    np.testing.assert_array_equal(result.samples[:4], expected[:4])
+    np.testing.assert_array_equal(result.samples[4:6], expected_round(2, 2))
+    assert len(np.load(output)) == 7
+
+    # Fewer samples draw nothing.
+    calls = []
+    assert len(run(folder, 3, calls, output=output).samples) == 3 and calls == []
+
+
+def test_other_settings_are_refused_before_any_round(tmp_path):
+    calls = []
+    run(tmp_path / "run", 2, calls)
+    calls = []
+    with pytest.raises(sample_settings.SettingsMismatchError, match="seed was 7, now 8"):
+        run(tmp_path / "run", 4, calls, settings={**SETTINGS, "seed": 8})
+    assert calls == [] and not (tmp_path / "run" / "samples_1.npz").exists()
+
+
+def test_single_file_of_an_earlier_version_is_split_into_rounds(tmp_path):
+    # subspace_sample.py used to keep one growing SAVE_NAME.npy; its whole rounds are reused.
+    earlier = np.concatenate([expected_round(0, 2), expected_round(1, 1)])
+    np.save(tmp_path / "run.npy", earlier)
+    sample_settings.record_settings(tmp_path / "run.npy", SETTINGS)
+    calls = []
+    result = run(tmp_path / "run", 4, calls, output=tmp_path / "run.npy")
+    assert calls == [(1, 2, 8)]
+    np.testing.assert_array_equal(result.samples[:2], earlier[:2])
+    np.testing.assert_array_equal(result.samples[2:], expected_round(1, 2))
+
+    np.save(tmp_path / "bad.npy", np.zeros((3, 4, 4, 3), np.uint8))
+    sample_settings.record_settings(tmp_path / "bad.npy", SETTINGS)
+    with pytest.raises(ValueError, match=r"bad.npy holds samples of shape \(3, 4, 4, 3\) "
+                                         r"\(uint8\), not uint8 \[N, 2, 2, 3\]"):
+        run(tmp_path / "bad", 4, [], output=tmp_path / "bad.npy")
