@@ -45,7 +45,8 @@ class NCSNpp(nn.Module):
     analytically: the network's output loses its DC, which is replaced by the best prediction of
     the DC noise under a Gaussian model of the data's DC coordinates,
     sde_lib.gaussian_noise_prediction with the buffers `dc_mean` [C] and `dc_cov` [C, C] (set from
-    the training data by `run_lib.set_dc_statistics`). Its gain follows the noise level, from
+    the training data by `run_lib.set_dc_statistics`); the output conv has no bias then, since
+    the replacement would cancel it. Its gain follows the noise level, from
     about 0 where the data's colour dominates x_t to 1 at pure noise; a small network conditioned
     additively on time learns a gain that barely changes with t instead, and its samples' colours
     blow up (`python -m analysis.bands` measures this; README, "Demo").
@@ -68,6 +69,11 @@ class NCSNpp(nn.Module):
             self.register_buffer("dc_mean", torch.zeros(channels, dtype=torch.float64))
             # A standard normal until `run_lib.train` sets the training data's statistics.
             self.register_buffer("dc_cov", torch.eye(channels, dtype=torch.float64))
+        # The output conv's bias would add a constant per channel, which the DC replacement
+        # removes again. Kept, its gradient would be zero up to float rounding, and Adam would
+        # scale that rounding noise into steps of about lr (a random walk that differs between
+        # batch layouts, e.g. one process and several). With the Gaussian DC it does not exist.
+        output_bias = not self.gaussian_dc
 
         self.nf = nf = model.nf
         ch_mult = tuple(model.ch_mult)
@@ -193,8 +199,8 @@ class NCSNpp(nn.Module):
                 if progressive == "output_skip":
                     modules.append(layerspp.group_norm(in_ch))
                     if top:
-                        modules.append(layerspp.conv3x3(in_ch, channels, init_scale=init_scale))
-                        output_conv = modules[-1]
+                        modules.append(layerspp.conv3x3(in_ch, channels, bias=output_bias,
+                                                        init_scale=init_scale))
                     else:
                         modules.append(layerspp.conv3x3(in_ch, channels, bias=True,
                                                         init_scale=init_scale))
@@ -215,16 +221,10 @@ class NCSNpp(nn.Module):
 
         if progressive != "output_skip":
             modules.append(layerspp.group_norm(in_ch))
-            modules.append(layerspp.conv3x3(in_ch, channels, init_scale=init_scale))
-            output_conv = modules[-1]
+            modules.append(layerspp.conv3x3(in_ch, channels, bias=output_bias,
+                                            init_scale=init_scale))
 
         self.all_modules = nn.ModuleList(modules)
-        if self.gaussian_dc:
-            # The output conv's bias adds a constant per channel, which the DC replacement
-            # removes again: its gradient is zero up to float rounding, and Adam would turn that
-            # rounding noise into steps of about lr (a random walk that differs between batch
-            # layouts, e.g. one process and several). Its gradient is set to exactly zero.
-            output_conv.bias.register_hook(torch.zeros_like)
 
     def set_dc_statistics(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
         """Set the mean [C] and covariance [C, C] of the training data's orthonormal DC
