@@ -251,13 +251,14 @@ def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
                            ) -> tuple[torch.Tensor, list[StageReport]]:
     """Subspace diffusion with a probability-flow solver in every plan stage.
 
-    `method` is a solver of `solvers.SOLVERS` ('heun', 'dpm_solver', 'ddim') or 'ode'
-    (adaptive RK45 per stage at rtol/atol). Each stage integrates in its own dimension with its
-    level's network; at each cutoff the state is upsampled (and refined by conditional Langevin
-    steps, as in `subspace_pc_sample`). `steps` counts as in `sampling.get_solver_sampler` (with
-    `denoise` the last step is the data prediction at eps); the remaining integration steps are
-    split over the stages by `schedule_step_counts`. `options` go to the solver (rho, churn...,
-    eta). Returns the samples and one `StageReport` per stage.
+    `method` is a solver of `solvers.SOLVERS` ('heun', 'dpm_solver', 'sde_dpm_solver', 'ddim')
+    or 'ode' (adaptive RK45 per stage at rtol/atol). Each stage integrates in its own dimension
+    with its level's network; at each cutoff the state is upsampled (and refined by conditional
+    Langevin steps, as in `subspace_pc_sample`). `steps` counts as in
+    `sampling.get_solver_sampler` (with `denoise` the last step is the data prediction at eps);
+    the remaining integration steps are split over the stages by `schedule_step_counts`.
+    `options` go to the solver (rho, churn..., eta). Returns the samples and one `StageReport`
+    per stage.
     """
     stages = stage_boundaries(plan, sde.T, eps) if len(networks) == plan.num_levels + 1 else []
     boundaries = [sde.T] + [s[2] for s in stages]
