@@ -204,6 +204,43 @@ def heun(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float, t
     return _finish(model, x, times[-1], denoise)
 
 
+def _dpm_solver_2m(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
+                   t_end: float, steps: int, schedule, rho: float, carry: dict | None,
+                   denoise: bool, callback: Callback | None, progress: bool, desc: str | None,
+                   stochastic: bool) -> tuple[torch.Tensor, int]:
+    """The multistep loop shared by DPM-Solver++(2M) and its SDE variant (see their docstrings):
+    each step makes one data prediction x0_hat and moves by the ODE's or the SDE's update with
+    the second-order combination D of the last two predictions."""
+    name = "sde_dpm_solver" if stochastic else "dpm_solver"
+    times = _grid(sde, t_start, t_end, steps, schedule, rho, DEFAULT_SCHEDULES[name])
+    model = _Model(score_fn, sde, x)
+    x0_prev, lam_prev = (carry.get("x0"), carry.get("lambda")) if carry else (None, None)
+    for i in _steps(steps, progress, desc):
+        t_cur, t_next = times[i], times[i + 1]
+        lam_cur, lam_next = model.log_snr(t_cur), model.log_snr(t_next)
+        sigma_cur = model.coefficients(t_cur)[1]
+        alpha_next, sigma_next = model.coefficients(t_next)
+        h = lam_next - lam_cur
+        x0 = model.data(x, t_cur)
+        if x0_prev is None:
+            D = x0
+        else:
+            r = (lam_cur - lam_prev) / h
+            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        if stochastic:
+            kept = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            x = (sigma_next / sigma_cur) * math.exp(-h) * x + alpha_next * kept * D + \
+                sigma_next * math.sqrt(kept) * torch.randn_like(x)
+        else:
+            x = (sigma_next / sigma_cur) * x - alpha_next * math.expm1(-h) * D
+        x0_prev, lam_prev = x0, lam_cur
+        if callback is not None:
+            callback({"step": i, "t": t_next, "x": x, "denoised": x0})
+    if carry is not None:
+        carry["x0"], carry["lambda"] = x0_prev, lam_prev
+    return _finish(model, x, times[-1], denoise)
+
+
 def dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
                t_end: float, steps: int, schedule=None, *, rho: float = 7.0,
                carry: dict | None = None, denoise: bool = False,
@@ -219,28 +256,8 @@ def dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: fl
     continues the multistep history across them (a fresh or no dict starts first-order).
     `denoise` returns the data prediction at t_end (1 more evaluation).
     """
-    times = _grid(sde, t_start, t_end, steps, schedule, rho, DEFAULT_SCHEDULES["dpm_solver"])
-    model = _Model(score_fn, sde, x)
-    x0_prev, lam_prev = (carry.get("x0"), carry.get("lambda")) if carry else (None, None)
-    for i in _steps(steps, progress, desc):
-        t_cur, t_next = times[i], times[i + 1]
-        lam_cur, lam_next = model.log_snr(t_cur), model.log_snr(t_next)
-        sigma_cur = model.coefficients(t_cur)[1]
-        alpha_next, sigma_next = model.coefficients(t_next)
-        h = lam_next - lam_cur
-        x0 = model.data(x, t_cur)
-        if x0_prev is None:
-            D = x0
-        else:
-            r = (lam_cur - lam_prev) / h
-            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigma_next / sigma_cur) * x - alpha_next * math.expm1(-h) * D
-        x0_prev, lam_prev = x0, lam_cur
-        if callback is not None:
-            callback({"step": i, "t": t_next, "x": x, "denoised": x0})
-    if carry is not None:
-        carry["x0"], carry["lambda"] = x0_prev, lam_prev
-    return _finish(model, x, times[-1], denoise)
+    return _dpm_solver_2m(score_fn, sde, x, t_start, t_end, steps, schedule, rho, carry,
+                          denoise, callback, progress, desc, stochastic=False)
 
 
 def sde_dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
@@ -263,30 +280,8 @@ def sde_dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start
     history across consecutive windows as in `dpm_solver`; `denoise` returns the data
     prediction at t_end (1 more evaluation).
     """
-    times = _grid(sde, t_start, t_end, steps, schedule, rho, DEFAULT_SCHEDULES["sde_dpm_solver"])
-    model = _Model(score_fn, sde, x)
-    x0_prev, lam_prev = (carry.get("x0"), carry.get("lambda")) if carry else (None, None)
-    for i in _steps(steps, progress, desc):
-        t_cur, t_next = times[i], times[i + 1]
-        lam_cur, lam_next = model.log_snr(t_cur), model.log_snr(t_next)
-        sigma_cur = model.coefficients(t_cur)[1]
-        alpha_next, sigma_next = model.coefficients(t_next)
-        h = lam_next - lam_cur
-        x0 = model.data(x, t_cur)
-        if x0_prev is None:
-            D = x0
-        else:
-            r = (lam_cur - lam_prev) / h
-            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        kept = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
-        x = (sigma_next / sigma_cur) * math.exp(-h) * x + alpha_next * kept * D + \
-            sigma_next * math.sqrt(kept) * torch.randn_like(x)
-        x0_prev, lam_prev = x0, lam_cur
-        if callback is not None:
-            callback({"step": i, "t": t_next, "x": x, "denoised": x0})
-    if carry is not None:
-        carry["x0"], carry["lambda"] = x0_prev, lam_prev
-    return _finish(model, x, times[-1], denoise)
+    return _dpm_solver_2m(score_fn, sde, x, t_start, t_end, steps, schedule, rho, carry,
+                          denoise, callback, progress, desc, stochastic=True)
 
 
 def ddim(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float, t_end: float,
