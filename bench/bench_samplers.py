@@ -56,6 +56,7 @@ SAMPLERS = {
     "Heun 18": ("heun", {"steps": 18}),
     "Heun 25": ("heun", {"steps": 25}),
     "Heun 25, churn 40": ("heun", {"steps": 25, "churn": 40.0}),
+    "Heun 25, churn 40, split t": ("heun", {"steps": 25, "churn": 40.0, "split": "uniform"}),
     "DPM-Solver++(2M) 20": ("dpm_solver", {"steps": 20}),
     "DPM-Solver++(2M) 35": ("dpm_solver", {"steps": 35}),
     "DDIM 50": ("ddim", {"steps": 50}),
