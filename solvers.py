@@ -266,7 +266,8 @@ def sde_dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start
                    callback: Callback | None = None, progress: bool = False,
                    desc: str | None = None) -> tuple[torch.Tensor, int]:
     """SDE-DPM-Solver++(2M), the stochastic multistep second-order data-prediction solver of the
-    reverse SDE (Lu et al. 2022, "DPM-Solver++", Sec. 5 / Appendix, SDE-DPM-Solver++(2M)).
+    reverse SDE (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", its SDE-DPM-Solver++(2M)).
 
     In the log-SNR lambda = log(alpha / sigma) the reverse SDE (the one the score-SDE samplers
     discretise) has, over a step of length h_i = lambda_i - lambda_{i-1}, the exact solution
