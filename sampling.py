@@ -676,13 +676,13 @@ def get_solver_sampler(name: str, sde: sde_lib.SDE, shape: Sequence[int], invers
                        progress: bool = True, **options) -> Callable:
     """A few-step probability-flow sampler `sampler(model, z=None) -> (samples, nfe)`.
 
-    Runs `solvers.get_solver(name)` ('heun', 'dpm_solver', 'ddim') from T (a prior sample, or
-    the latent `z`) to eps with the time `schedule` (a name of `solvers.SCHEDULES`, None for the
-    solver's default). `steps` counts steps as EDM does: with `denoise` the last one is the step
-    to noise level 0 (the data prediction at eps), so Heun with 18 steps makes 35 network
-    evaluations, DPM-Solver++(2M) and DDIM one per step; None takes `solvers.DEFAULT_STEPS`.
-    `options` are the solver's keyword options (rho, churn..., eta). nfe counts every network
-    evaluation.
+    Runs `solvers.get_solver(name)` ('heun', 'dpm_solver', 'sde_dpm_solver', 'ddim') from T (a
+    prior sample, or the latent `z`) to eps with the time `schedule` (a name of
+    `solvers.SCHEDULES`, None for the solver's default). `steps` counts steps as EDM does: with
+    `denoise` the last one is the step to noise level 0 (the data prediction at eps), so Heun
+    with 18 steps makes 35 network evaluations, the other solvers one per step; None takes
+    `solvers.DEFAULT_STEPS`. `options` are the solver's keyword options (rho, churn..., eta).
+    nfe counts every network evaluation.
     """
     solver = solvers.get_solver(name)
     window_steps, denoise = solvers.full_steps(name, steps, denoise)
@@ -704,7 +704,7 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
                     score_fn: ScoreFn | None = None) -> Callable:
     """The sampler named by `config.sampling.method` as `fn(model) -> (samples, nfe)`: 'pc'
     (N = model.num_scales steps), 'ode' (adaptive RK45), or the few-step solvers 'heun',
-    'dpm_solver', 'ddim' (`get_solver_sampler`).
+    'dpm_solver', 'sde_dpm_solver' (stochastic), 'ddim' (`get_solver_sampler`).
 
     The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5),
     `sampling.ode_method` (default RK45) and `sampling.ode_solver` (default "torch"); the solvers
@@ -765,4 +765,5 @@ def _get_sampler(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
                               denoise=denoise, eps=eps, device=device,
                               progress=progress, score_fn=score_fn)
     raise ValueError(f"Unknown sampling method '{config.sampling.method}': set "
-                     "config.sampling.method to 'pc', 'ode', 'heun', 'dpm_solver' or 'ddim'.")
+                     "config.sampling.method to 'pc', 'ode', 'heun', 'dpm_solver', "
+                     "'sde_dpm_solver' or 'ddim'.")

@@ -29,7 +29,8 @@ from sde_lib import ScoreFn
 
 SCHEDULES = ("uniform", "edm", "logsnr")
 # The grid each solver uses when no schedule is named (measured best on Gaussian data).
-DEFAULT_SCHEDULES = {"heun": "edm", "dpm_solver": "logsnr", "ddim": "logsnr"}
+DEFAULT_SCHEDULES = {"heun": "edm", "dpm_solver": "logsnr", "sde_dpm_solver": "logsnr",
+                     "ddim": "logsnr"}
 Callback = Callable[[dict], None]
 
 
@@ -203,6 +204,43 @@ def heun(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float, t
     return _finish(model, x, times[-1], denoise)
 
 
+def _dpm_solver_2m(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
+                   t_end: float, steps: int, schedule, rho: float, carry: dict | None,
+                   denoise: bool, callback: Callback | None, progress: bool, desc: str | None,
+                   stochastic: bool) -> tuple[torch.Tensor, int]:
+    """The multistep loop shared by DPM-Solver++(2M) and its SDE variant (see their docstrings):
+    each step makes one data prediction x0_hat and moves by the ODE's or the SDE's update with
+    the second-order combination D of the last two predictions."""
+    name = "sde_dpm_solver" if stochastic else "dpm_solver"
+    times = _grid(sde, t_start, t_end, steps, schedule, rho, DEFAULT_SCHEDULES[name])
+    model = _Model(score_fn, sde, x)
+    x0_prev, lam_prev = (carry.get("x0"), carry.get("lambda")) if carry else (None, None)
+    for i in _steps(steps, progress, desc):
+        t_cur, t_next = times[i], times[i + 1]
+        lam_cur, lam_next = model.log_snr(t_cur), model.log_snr(t_next)
+        sigma_cur = model.coefficients(t_cur)[1]
+        alpha_next, sigma_next = model.coefficients(t_next)
+        h = lam_next - lam_cur
+        x0 = model.data(x, t_cur)
+        if x0_prev is None:
+            D = x0
+        else:
+            r = (lam_cur - lam_prev) / h
+            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        if stochastic:
+            kept = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            x = (sigma_next / sigma_cur) * math.exp(-h) * x + alpha_next * kept * D + \
+                sigma_next * math.sqrt(kept) * torch.randn_like(x)
+        else:
+            x = (sigma_next / sigma_cur) * x - alpha_next * math.expm1(-h) * D
+        x0_prev, lam_prev = x0, lam_cur
+        if callback is not None:
+            callback({"step": i, "t": t_next, "x": x, "denoised": x0})
+    if carry is not None:
+        carry["x0"], carry["lambda"] = x0_prev, lam_prev
+    return _finish(model, x, times[-1], denoise)
+
+
 def dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
                t_end: float, steps: int, schedule=None, *, rho: float = 7.0,
                carry: dict | None = None, denoise: bool = False,
@@ -218,28 +256,33 @@ def dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: fl
     continues the multistep history across them (a fresh or no dict starts first-order).
     `denoise` returns the data prediction at t_end (1 more evaluation).
     """
-    times = _grid(sde, t_start, t_end, steps, schedule, rho, DEFAULT_SCHEDULES["dpm_solver"])
-    model = _Model(score_fn, sde, x)
-    x0_prev, lam_prev = (carry.get("x0"), carry.get("lambda")) if carry else (None, None)
-    for i in _steps(steps, progress, desc):
-        t_cur, t_next = times[i], times[i + 1]
-        lam_cur, lam_next = model.log_snr(t_cur), model.log_snr(t_next)
-        sigma_cur = model.coefficients(t_cur)[1]
-        alpha_next, sigma_next = model.coefficients(t_next)
-        h = lam_next - lam_cur
-        x0 = model.data(x, t_cur)
-        if x0_prev is None:
-            D = x0
-        else:
-            r = (lam_cur - lam_prev) / h
-            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigma_next / sigma_cur) * x - alpha_next * math.expm1(-h) * D
-        x0_prev, lam_prev = x0, lam_cur
-        if callback is not None:
-            callback({"step": i, "t": t_next, "x": x, "denoised": x0})
-    if carry is not None:
-        carry["x0"], carry["lambda"] = x0_prev, lam_prev
-    return _finish(model, x, times[-1], denoise)
+    return _dpm_solver_2m(score_fn, sde, x, t_start, t_end, steps, schedule, rho, carry,
+                          denoise, callback, progress, desc, stochastic=False)
+
+
+def sde_dpm_solver(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float,
+                   t_end: float, steps: int, schedule=None, *, rho: float = 7.0,
+                   carry: dict | None = None, denoise: bool = False,
+                   callback: Callback | None = None, progress: bool = False,
+                   desc: str | None = None) -> tuple[torch.Tensor, int]:
+    """SDE-DPM-Solver++(2M), the stochastic multistep second-order data-prediction solver of the
+    reverse SDE (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", its SDE-DPM-Solver++(2M)).
+
+    In the log-SNR lambda = log(alpha / sigma) the reverse SDE (the one the score-SDE samplers
+    discretise) has, over a step of length h_i = lambda_i - lambda_{i-1}, the exact solution
+    x_i = (sigma_i / sigma_{i-1}) e^{-h_i} x_{i-1} + 2 alpha_i int e^{-2 (lambda_i - l)} x0(l) dl
+    + sigma_i sqrt(1 - e^{-2 h_i}) z; with x0 held at the multistep combination
+    D_i = (1 + 1 / (2 r_i)) x0_hat_{i-1} - 1 / (2 r_i) x0_hat_{i-2} (r_i = h_{i-1} / h_i;
+    D_1 = x0_hat_0) this is x_i = (sigma_i / sigma_{i-1}) e^{-h_i} x_{i-1}
+    + alpha_i (1 - e^{-2 h_i}) D_i + sigma_i sqrt(1 - e^{-2 h_i}) z, one evaluation per step.
+    Its first step is DDIM with eta = 1. Default grid: uniform in lambda. The noise comes from
+    torch's global generator (seed it for reproducible runs); `carry` continues the multistep
+    history across consecutive windows as in `dpm_solver`; `denoise` returns the data
+    prediction at t_end (1 more evaluation).
+    """
+    return _dpm_solver_2m(score_fn, sde, x, t_start, t_end, steps, schedule, rho, carry,
+                          denoise, callback, progress, desc, stochastic=True)
 
 
 def ddim(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float, t_end: float,
@@ -276,10 +319,10 @@ def ddim(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_start: float, t
 
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, int]]] = {
-    "heun": heun, "dpm_solver": dpm_solver, "ddim": ddim}
+    "heun": heun, "dpm_solver": dpm_solver, "sde_dpm_solver": sde_dpm_solver, "ddim": ddim}
 # Steps used when the config leaves `sampling.steps` unset (network evaluations with the final
 # denoising step: heun 2 steps - 1, the others one per step).
-DEFAULT_STEPS = {"heun": 18, "dpm_solver": 20, "ddim": 50}
+DEFAULT_STEPS = {"heun": 18, "dpm_solver": 20, "sde_dpm_solver": 35, "ddim": 50}
 
 
 def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, int]]:

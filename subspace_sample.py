@@ -46,12 +46,13 @@ flags.DEFINE_boolean("legacy", False, "Reproduce the reference script exactly: i
                      "grids (int(N (start - end)) steps each, the cutoff time evaluated by both "
                      "windows), eps 1e-5 for every SDE, upsampling noise at the cutoff, "
                      "--legacy_langevin with alpha = 1, the sub-VP CIFAR-10 offsets.")
-flags.DEFINE_enum("sampler", "pc", ["pc", "ode", "heun", "dpm_solver", "ddim"],
+flags.DEFINE_enum("sampler", "pc",
+                  ["pc", "ode", "heun", "dpm_solver", "sde_dpm_solver", "ddim"],
                   "Sampler of every plan stage: PC (N = model.num_scales steps, the paper's), "
-                  "adaptive RK45 ('ode'), or a few-step ODE solver.")
+                  "adaptive RK45 ('ode'), or a few-step solver (sde_dpm_solver: stochastic).")
 flags.DEFINE_integer("steps", None, "Solver steps over all stages, the last being the "
-                     "denoising step (heun, dpm_solver, ddim); default: config.sampling.steps, "
-                     "else the solver's default.")
+                     "denoising step (heun, dpm_solver, sde_dpm_solver, ddim); default: "
+                     "config.sampling.steps, else the solver's default.")
 flags.DEFINE_float("eps", None, "Final sampling time; default: 1e-5 (VE, and every SDE with "
                    "--legacy) or 1e-3 (VP, sub-VP).")
 flags.DEFINE_integer("seed", None, "Random seed (round r uses seed + r); default: config.seed.")

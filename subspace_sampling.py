@@ -247,17 +247,21 @@ def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
                            langevin_snr: float = 0.22, langevin_steps: int = 2,
                            conditional_langevin_steps: bool = True, legacy_langevin: bool = False,
                            x: torch.Tensor | None = None, device=None, progress: bool = False,
-                           rtol: float = 1e-5, atol: float = 1e-5, **options
-                           ) -> tuple[torch.Tensor, list[StageReport]]:
+                           rtol: float = 1e-5, atol: float = 1e-5, split: str | None = None,
+                           **options) -> tuple[torch.Tensor, list[StageReport]]:
     """Subspace diffusion with a probability-flow solver in every plan stage.
 
-    `method` is a solver of `solvers.SOLVERS` ('heun', 'dpm_solver', 'ddim') or 'ode'
-    (adaptive RK45 per stage at rtol/atol). Each stage integrates in its own dimension with its
-    level's network; at each cutoff the state is upsampled (and refined by conditional Langevin
-    steps, as in `subspace_pc_sample`). `steps` counts as in `sampling.get_solver_sampler` (with
-    `denoise` the last step is the data prediction at eps); the remaining integration steps are
-    split over the stages by `schedule_step_counts`. `options` go to the solver (rho, churn...,
-    eta). Returns the samples and one `StageReport` per stage.
+    `method` is a solver of `solvers.SOLVERS` ('heun', 'dpm_solver', 'sde_dpm_solver', 'ddim')
+    or 'ode' (adaptive RK45 per stage at rtol/atol). Each stage integrates in its own dimension
+    with its level's network; at each cutoff the state is upsampled (and refined by conditional
+    Langevin steps, as in `subspace_pc_sample`). `steps` counts as in
+    `sampling.get_solver_sampler` (with `denoise` the last step is the data prediction at eps);
+    the remaining integration steps are split over the stages by `schedule_step_counts`, in
+    proportion to each stage's share of the warp of `split` (a name of `solvers.SCHEDULES`;
+    default: the solver's own grid, so the stages together run that grid; `uniform` gives the
+    stages their share of t, more steps above the cutoffs), each stage running the solver's
+    grid on its own window. `options` go to the solver (rho, churn..., eta). Returns the
+    samples and one `StageReport` per stage.
     """
     stages = stage_boundaries(plan, sde.T, eps) if len(networks) == plan.num_levels + 1 else []
     boundaries = [sde.T] + [s[2] for s in stages]
@@ -274,8 +278,8 @@ def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
         solver = solvers.get_solver(method)
         total, _ = solvers.full_steps(method, steps, denoise)
         name = schedule if isinstance(schedule, str) else solvers.DEFAULT_SCHEDULES[method]
-        counts = schedule_step_counts(sde, total, boundaries, name, options.get("rho", 7.0)) \
-            if stages else []
+        counts = schedule_step_counts(sde, total, boundaries, split or name,
+                                      options.get("rho", 7.0)) if stages else []
 
         def integrate(score_fn, x, start, end, steps, last, desc):
             return solver(score_fn, sde, x, start, end, steps, name, denoise=denoise and last,

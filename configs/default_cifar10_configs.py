@@ -25,9 +25,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
         noise_removal=True,
         probability_flow=False,
         snr=0.16,
-        # Few-step ODE solvers (method heun, dpm_solver, ddim; see solvers.py): solver steps
-        # (None: the solver's default), time schedule uniform / edm / logsnr (None: the
-        # solver's default), Heun's stochastic churn S_churn and DDIM's eta.
+        # Few-step solvers (method heun, dpm_solver, sde_dpm_solver, ddim; see solvers.py):
+        # solver steps (None: the solver's default), time schedule uniform / edm / logsnr (None:
+        # the solver's default), Heun's stochastic churn S_churn and DDIM's eta.
         steps=config_dict.placeholder(int),
         schedule=config_dict.placeholder(str),
         churn=0.0,

@@ -425,5 +425,6 @@ def test_get_sampling_fn_builds_from_config():
     exact = _exact_flow(net, sde.prior_sampling((2, 1, 4, 4)), 1.0, 1e-3)
     assert (samples - exact).abs().max() < 1e-3 and nfe > 10
     config.sampling.method = "euler"
-    with pytest.raises(ValueError, match="'pc', 'ode', 'heun', 'dpm_solver' or 'ddim'"):
+    with pytest.raises(ValueError,
+                       match="'pc', 'ode', 'heun', 'dpm_solver', 'sde_dpm_solver' or 'ddim'"):
         sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)
