@@ -130,7 +130,8 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
                    else dict(rtol=config.sampling.get("rtol", 1e-5),
                              atol=config.sampling.get("atol", 1e-5)))
         sample_fn = dict(function=subspace_solver_sample, method=sampler, steps=steps,
-                         schedule=config.sampling.get("schedule"), **options)
+                         schedule=config.sampling.get("schedule"),
+                         split=config.sampling.get("split"), **options)
 
     def draw(r: int, count: int) -> Round:
         # The last round draws only the samples still missing.

@@ -276,6 +276,10 @@ def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
             return x, nfe
     else:
         solver = solvers.get_solver(method)
+        if split is not None and split not in solvers.SCHEDULES:
+            raise ValueError(f"Unknown step split '{split}': set config.sampling.split to one of "
+                             f"{', '.join(solvers.SCHEDULES)} (or leave it unset for the "
+                             "solver's own grid).")
         total, _ = solvers.full_steps(method, steps, denoise)
         name = schedule if isinstance(schedule, str) else solvers.DEFAULT_SCHEDULES[method]
         counts = schedule_step_counts(sde, total, boundaries, split or name,

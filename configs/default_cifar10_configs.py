@@ -27,9 +27,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
         snr=0.16,
         # Few-step solvers (method heun, dpm_solver, sde_dpm_solver, ddim; see solvers.py):
         # solver steps (None: the solver's default), time schedule uniform / edm / logsnr (None:
-        # the solver's default), Heun's stochastic churn S_churn and DDIM's eta.
+        # the solver's default), Heun's stochastic churn S_churn and DDIM's eta. With a subspace
+        # plan, `split` names the schedule whose share of each stage divides the steps over the
+        # stages (None: the solver's own grid; "uniform": the share of t).
         steps=config_dict.placeholder(int),
         schedule=config_dict.placeholder(str),
+        split=config_dict.placeholder(str),
         churn=0.0,
         eta=0.0,
     ))

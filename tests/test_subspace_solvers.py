@@ -105,6 +105,15 @@ def test_steps_split_by_the_share_of_t_still_reproduce_data(method):
     assert_matches_data(samples, data, rel_var=0.06, what=f"{method} split t")
 
 
+def test_an_unknown_step_split_is_one_sentence_naming_the_config_field():
+    with pytest.raises(ValueError, match=r"Unknown step split 'share'.*config\.sampling\.split "
+                                         r"to one of uniform, edm, logsnr"):
+        _staged_run("subvp", "dpm_solver", 10, split="share")
+    from configs.default_cifar10_configs import get_default_configs
+
+    assert get_default_configs().sampling.split is None  # the solver's own grid by default
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling steps independent of the checkpoint
 
