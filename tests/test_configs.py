@@ -20,7 +20,8 @@ CONFIGS = ROOT / "configs"
 SECTIONS = ("data", "model", "training", "sampling", "eval", "optim")
 # Fields this project adds to the original configs.
 ADDED_FIELDS = {("data", "root"), ("eval", "bpd_num_images"), ("sampling", "steps"),
-                ("sampling", "schedule"), ("sampling", "churn"), ("sampling", "eta"),
+                ("sampling", "schedule"), ("sampling", "split"), ("sampling", "churn"),
+                ("sampling", "eta"),
                 ("model", "memory_format"), ("training", "precision"), ("training", "grad_accum"),
                 ("training", "compile"), ("sampling", "precision"), ("sampling", "compile")}
 
