@@ -144,7 +144,9 @@ def test_sampling_precision_from_the_config_reaches_the_network_only():
     model, config = demo_network(8)
     sde, eps = sde_lib.get_sde(config)
     config.sampling.method = "ode"
-    config.sampling.update(rtol=1e-2, atol=1e-2)
+    # At 1e-2 the adaptive step sequences of the two precisions can differ, which alone moves
+    # a sample by more than bf16 does (0.17 of the maximum on the committed 8x8 model).
+    config.sampling.update(rtol=1e-3, atol=1e-3)
     seen = []
 
     class Probe(torch.nn.Module):
