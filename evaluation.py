@@ -98,16 +98,20 @@ def trace_sqrt_product_with_root(sigma1: np.ndarray, root2: np.ndarray) -> float
     return float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, root2: np.ndarray | None = None) -> float:
     """Frechet distance of two Gaussians (Heusel et al. 2017):
-    |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
+    |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). Given `root2` = sigma2^(1/2)
+    (precomputed for many sigma1 against one sigma2), the trace comes from
+    `trace_sqrt_product_with_root`, equal to rounding."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(
             f"Mismatched statistics: means {mu1.shape}, {mu2.shape} and covariances "
             f"{sigma1.shape}, {sigma2.shape}; compute both from the same feature space.")
-    trace = np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+    cross = (trace_sqrt_product(sigma1, sigma2) if root2 is None
+             else trace_sqrt_product_with_root(sigma1, root2))
+    trace = np.trace(sigma1) + np.trace(sigma2) - 2.0 * cross
     return float(np.sum((mu1 - mu2) ** 2) + trace)
 
 
@@ -361,16 +365,13 @@ def frechet_distance_bootstrap(features, stats: dict, num_resamples: int = 200,
     if not 0.0 < level < 1.0:
         raise ValueError(f"The interval level must lie in (0, 1); got {level}.")
     value = frechet_distance(*gaussian_statistics(features), stats["mu"], stats["sigma"])
-    mu_ref, sigma_ref = (np.asarray(stats[k], np.float64) for k in ("mu", "sigma"))
-    root_ref = symmetric_matrix_sqrt(sigma_ref)
-    fixed_trace = float(np.trace(sigma_ref))
+    root_ref = symmetric_matrix_sqrt(np.asarray(stats["sigma"], np.float64))
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(num_resamples):
         rows = features[rng.integers(0, len(features), len(features))]
-        mu, sigma = gaussian_statistics(rows)
-        draws.append(float(np.sum((mu - mu_ref) ** 2)) + float(np.trace(sigma)) + fixed_trace
-                     - 2.0 * trace_sqrt_product_with_root(sigma, root_ref))
+        draws.append(frechet_distance(*gaussian_statistics(rows), stats["mu"], stats["sigma"],
+                                      root2=root_ref))
     tail = 100 * (1 - level) / 2
     q_low, q_high = np.percentile(draws, [tail, 100 - tail])
     return {"value": float(value), "low": float(max(2 * value - q_high, 0.0)),

@@ -30,6 +30,7 @@ from models.subspace_model import SubspaceScore, subspace_configs
 from sample_rounds import Round, RoundSampler
 from subspace_sampling import (
     StageReport,
+    check_split,
     format_stage_reports,
     subspace_pc_sample,
     subspace_solver_sample,
@@ -107,6 +108,8 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
                     "legacy_langevin": legacy_langevin, "legacy": legacy, "method": sampler,
                     "steps": steps, **network_options},
         "seed": seed, "batch": batch}
+    if sampler in solvers.SOLVERS:
+        check_split(config.sampling.get("split"))  # before any file is written
     size, channels = config.data.image_size, config.data.num_channels
     rounds = RoundSampler(folder, number_samples, batch, lambda r: seed + r, settings,
                           output=folder.with_name(f"{save_name}.npy"),

@@ -240,6 +240,16 @@ def schedule_step_counts(sde: sde_lib.SDE, steps: int, boundaries: Sequence[floa
     return [max(1, c) for c in window_step_counts(steps, warped.tolist())]
 
 
+def check_split(split: str | None) -> str | None:
+    """`split` (how `subspace_solver_sample` divides the steps over the stages: a name of
+    `solvers.SCHEDULES`, or None for the solver's own grid), else a ValueError of one sentence."""
+    if split is not None and split not in solvers.SCHEDULES:
+        raise ValueError(f"Unknown step split '{split}': set config.sampling.split to one of "
+                         f"{', '.join(solvers.SCHEDULES)} (or leave it unset for the solver's own "
+                         "grid).")
+    return split
+
+
 def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
                            plan: sl.SubspacePlan, centered: bool, shape: Sequence[int], *,
                            eps: float, method: str, steps: int | None = None, schedule=None,
@@ -276,10 +286,7 @@ def subspace_solver_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE,
             return x, nfe
     else:
         solver = solvers.get_solver(method)
-        if split is not None and split not in solvers.SCHEDULES:
-            raise ValueError(f"Unknown step split '{split}': set config.sampling.split to one of "
-                             f"{', '.join(solvers.SCHEDULES)} (or leave it unset for the "
-                             "solver's own grid).")
+        check_split(split)
         total, _ = solvers.full_steps(method, steps, denoise)
         name = schedule if isinstance(schedule, str) else solvers.DEFAULT_SCHEDULES[method]
         counts = schedule_step_counts(sde, total, boundaries, split or name,
