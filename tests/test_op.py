@@ -72,6 +72,34 @@ def test_upfirdn2d_matches_reference(up, down, pad, kshape, channels):
     torch.testing.assert_close(out32, expected.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("up,down,pad,kshape,channels",
+                         [case for case in CASES if case[0] != 1])
+def test_up_sampling_in_reduced_precision_on_cpu_runs_in_float32(up, down, pad, kshape,
+                                                                  channels):
+    # bf16/fp16 inputs, or any input under CPU autocast, get the float32 result in their own
+    # dtype (oneDNN's reduced-precision depthwise transposed convolution is 20-60x slower).
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, channels, 7, 6, generator=gen)
+    k = _kernel(kshape, torch.float32)
+    exact = upfirdn2d(x, k, up=up, down=down, pad=pad)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = upfirdn2d(x.to(dtype), k, up=up, down=down, pad=pad)
+        assert low.dtype == dtype
+        assert torch.equal(low, upfirdn2d(x.to(dtype).float(), k, up=up, down=down,
+                                          pad=pad).to(dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = upfirdn2d(x, k, up=up, down=down, pad=pad)
+        assert torch.is_autocast_enabled("cpu")  # the block is still in force afterwards
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, exact)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        upfirdn2d(x, k, up=up, down=down, pad=pad).square().sum().backward()
+    expected_grad, = torch.autograd.grad(
+        upfirdn2d(x, k, up=up, down=down, pad=pad).square().sum(), x)
+    torch.testing.assert_close(x.grad, expected_grad)
+
+
 @pytest.mark.parametrize("up,down,pad,kshape,channels", CASES[::2])
 def test_upfirdn2d_gradients(up, down, pad, kshape, channels):
     gen = torch.Generator().manual_seed(1)
