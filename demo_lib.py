@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -104,7 +103,6 @@ class DemoSettings:
     bpd_tol: float = 1e-4
     langevin_snr: float = 0.01
     langevin_steps: int = 2
-    cost_repeats: int = 5
     # Used only for an untrained full model (see `choose_threshold`).
     fallback_cutoffs: tuple[float, float] = (0.5, 0.6)
     seed: int = 42
@@ -122,7 +120,7 @@ class DemoSettings:
                        warmup=1, num_steps=25, num_samples=8, sample_batch=4,
                        curve_steps=(10, 25), bootstrap_resamples=20, grid_samples=4,
                        divergence_images=4, divergence_times=3, bpd_images=2, bpd_batch=2,
-                       bpd_tol=1e-3, cost_repeats=1)
+                       bpd_tol=1e-3)
         raise ValueError(f"Unknown demo mode '{mode}': choose one of {', '.join(MODES)}.")
 
     def training_key(self) -> dict:
@@ -330,21 +328,45 @@ def divergence_and_cutoffs(full_net: torch.nn.Module, config, rmsd: dict[int, fl
 # --------------------------------------------------------------------------------------------
 # Costs, sampling, likelihood.
 
-def network_cost(net: torch.nn.Module, batch: int, size: int, label: float, repeats: int,
-                 device: torch.device) -> dict[str, float]:
-    """Median wall-clock and CPU seconds of one forward pass of `net` on a batch of `size`
-    images (after one warm-up call), under `torch.no_grad()`."""
-    x = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.full((batch,), float(label), device=device)
-    walls, cpus = [], []
-    with torch.no_grad():
-        net(x, labels)
-        for _ in range(max(1, repeats)):
-            _, wall, cpu = _timed(net, x, labels)
-            walls.append(wall)
-            cpus.append(cpu)
-    return {"seconds": statistics.median(walls), "cpu_seconds": statistics.median(cpus),
-            "batch": batch}
+class ForwardTimer:
+    """Within a `with` block, the wall-clock and CPU seconds spent inside each network's forward
+    passes (module hooks, so the samplers run unchanged), and the number of passes."""
+
+    def __init__(self, networks: dict[int, torch.nn.Module]):
+        self.networks = networks
+        self.totals = {str(size): {"seconds": 0.0, "cpu_seconds": 0.0, "calls": 0}
+                       for size in networks}
+        self._handles: list = []
+
+    def __enter__(self) -> ForwardTimer:
+        for size, net in self.networks.items():
+            started: list[tuple[float, float]] = []
+            total = self.totals[str(size)]
+
+            def before(module, inputs, started=started):
+                started.append((time.perf_counter(), time.process_time()))
+
+            def after(module, inputs, output, started=started, total=total):
+                wall, cpu = started.pop()
+                total["seconds"] += time.perf_counter() - wall
+                total["cpu_seconds"] += time.process_time() - cpu
+                total["calls"] += 1
+
+            self._handles += [net.register_forward_pre_hook(before),
+                              net.register_forward_hook(after)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def costs(self, batch: int) -> dict[str, dict]:
+        """Per size: mean wall-clock and CPU seconds of one forward pass, the number of passes
+        and the batch they were made on."""
+        return {size: {"seconds": t["seconds"] / max(t["calls"], 1),
+                       "cpu_seconds": t["cpu_seconds"] / max(t["calls"], 1),
+                       "calls": t["calls"], "batch": batch} for size, t in self.totals.items()}
 
 
 def _sampler_kwargs(config) -> dict:
@@ -407,32 +429,39 @@ def sample_subspace(networks: dict[int, torch.nn.Module], config, sizes: Sequenc
                "stages": [_stage_dict(r) for r in reports]}
 
 
-def draw_samples(networks: dict[int, torch.nn.Module], config, sizes: Sequence[int],
-                 cutoffs: dict[int, float], stats_path: Path, settings: DemoSettings,
-                 num_steps: int, progress: bool) -> tuple[np.ndarray, dict]:
-    """`settings.num_samples` samples (uint8 NHWC) of one sampler at N = `num_steps`, drawn in
-    batches of `settings.sample_batch` (batch b seeded with seed + b, so every sampler and every
-    N starts from the same noise). Network evaluations are per batch; times are summed."""
+def draw_samples(networks: dict[int, torch.nn.Module], config,
+                 samplers: dict[str, Sequence[int]], cutoffs: dict[int, float],
+                 stats_path: Path, settings: DemoSettings, num_steps: int,
+                 progress: bool) -> dict[str, tuple[np.ndarray, dict]]:
+    """`settings.num_samples` samples (uint8 NHWC) of each sampler (name -> subspace sizes of
+    its plan, empty for full only) at N = `num_steps`, drawn in batches of
+    `settings.sample_batch`: batch b is seeded with seed + b, so every sampler and every N
+    starts from the same noise, and the samplers take turns batch by batch, so that a drift of
+    the machine's speed hits them alike. Network evaluations are per batch; times are summed."""
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     batches = -(-settings.num_samples // settings.sample_batch)
-    chunks, info = [], None
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in samplers}
+    infos: dict[str, dict] = {}
     for b in range(batches):
         batch = min(settings.sample_batch, settings.num_samples - b * settings.sample_batch)
         seed = settings.seed + b
-        if sizes:
-            x, part = sample_subspace(networks, config, sizes, cutoffs, stats_path, settings,
-                                      batch, num_steps, seed, progress)
-        else:
-            x, part = sample_full_only(networks[FULL_SIZE], config, batch, num_steps, seed,
-                                       progress)
-        chunks.append(evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1).cpu()))
-        if info is None:
-            info = part
-        else:
-            info["seconds"] += part["seconds"]
-            info["cpu_seconds"] += part["cpu_seconds"]
-    info.update(batches=batches, sample_batch=settings.sample_batch, num_steps=int(num_steps))
-    return np.concatenate(chunks), info
+        for name, sizes in samplers.items():
+            if sizes:
+                x, part = sample_subspace(networks, config, sizes, cutoffs, stats_path,
+                                          settings, batch, num_steps, seed, progress)
+            else:
+                x, part = sample_full_only(networks[FULL_SIZE], config, batch, num_steps, seed,
+                                           progress)
+            chunks[name].append(evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1).cpu()))
+            if name not in infos:
+                infos[name] = part
+            else:
+                infos[name]["seconds"] += part["seconds"]
+                infos[name]["cpu_seconds"] += part["cpu_seconds"]
+    for info in infos.values():
+        info.update(batches=batches, sample_batch=settings.sample_batch,
+                    num_steps=int(num_steps))
+    return {name: (np.concatenate(chunks[name]), infos[name]) for name in samplers}
 
 
 def _stage_dict(report: StageReport) -> dict:
@@ -598,8 +627,8 @@ def results_markdown(results: dict) -> str:
         "- Network evals: batched calls of each network, the 2 Langevin steps after an "
         "upsampling included (they use the next-larger network). Time: wall clock of the "
         "sampler. Ideal speed-ups: full-only cost over this sampler's cost, counting only "
-        "network calls, at the measured per-call costs of this run (batch "
-        f"{costs[str(FULL_SIZE)]['batch']}, median of {s['cost_repeats']}: "
+        "network calls, at the per-call costs measured inside the samplers' own calls in this "
+        f"run (batch {costs[str(FULL_SIZE)]['batch']}, mean over all samplers and N: "
         + ", ".join(f"{k}x{k} {1e3 * v['seconds']:.1f} ms" for k, v in costs.items())
         + ") or at costs proportional to the pixel count.",
         f"- Proxy FID: Frechet distance of {s['num_samples']} samples in a fixed random-conv "
@@ -725,17 +754,14 @@ def _title(name: str, info: dict) -> str:
 def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[int, float],
                    stats_path: Path, settings: DemoSettings, workdir: Path,
                    progress: bool) -> dict:
-    """Per-evaluation costs; every sampler at N = num_steps (the table) and at each N of the
-    quality-against-cost curve, interleaved (N outer, sampler inner) so that a change of machine
-    load hits every sampler alike; proxy FID with bootstrap interval and proxy KID of each, and
-    of as many held-out images (the floor); the grids and figures. Returns the results entries."""
-    sde, _ = sde_lib.get_sde(config)
-    device = config.device
-    label = float(sde.time_to_label(torch.tensor(0.5), continuous=True))
-    print("== cost of one network evaluation, per size", flush=True)
-    costs = {str(s): network_cost(networks[s], settings.sample_batch, s, label,
-                                  settings.cost_repeats, device)
-             for s in (FULL_SIZE,) + SUBSPACE_SIZES}
+    """Every sampler at N = num_steps (the table) and at each N of the quality-against-cost
+    curve, interleaved (N outer, then batch, then sampler) so that a change of machine load
+    hits every sampler alike; proxy FID with bootstrap interval and proxy KID of each, and of
+    as many held-out images (the floor); the per-evaluation cost of each network, timed
+    inside the samplers' calls; the grids and figures. Returns the results entries."""
+    # The cost of one evaluation of each network is timed inside the samplers' own calls, so
+    # that it sees the inputs and the machine as they did.
+    timer = ForwardTimer({s: networks[s] for s in (FULL_SIZE,) + SUBSPACE_SIZES})
     proxy_stats = evaluation.load_dataset_stats(config, "proxy")
     reference = training_features(config)
     held_out = held_out_images(config, settings.num_samples)
@@ -747,9 +773,11 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
     for num_steps in sorted(set(settings.curve_steps) | {settings.num_steps}):
         print(f"== sampling, N = {num_steps} steps each, {settings.num_samples} samples",
               flush=True)
+        with timer:
+            drawn = draw_samples(networks, config, chosen, cutoffs, stats_path, settings,
+                                 num_steps, progress)
         for name, sizes in chosen.items():
-            uint8, info = draw_samples(networks, config, sizes, cutoffs, stats_path, settings,
-                                       num_steps, progress)
+            uint8, info = drawn[name]
             info.update(_quality_entry(uint8, proxy_stats, reference, settings))
             curve[name][str(num_steps)] = {k: info[k] for k in (
                 "nfe", "seconds", "proxy_fid", "proxy_fid_interval", "proxy_kid",
@@ -759,6 +787,7 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
                 info["cutoffs"] = {str(s): cutoffs[s] for s in sizes}
                 samplers[name] = info
                 images[name] = evaluation.to_float_nchw(uint8)
+    costs = timer.costs(settings.sample_batch)
     baseline = samplers["full only"]
     for name, info in samplers.items():
         if name != "full only":

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.utils import model_memory_format
+
 # Variables torchrun sets for every worker; RANK and WORLD_SIZE mark a launched run.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Collectives wait this long for the slowest rank (a sampling round can take an hour on a GPU).
@@ -140,11 +142,17 @@ def barrier() -> None:
 def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` in DistributedDataParallel inside a process group of several ranks, else `model`.
 
-    Construction broadcasts rank 0's parameters and buffers, so every rank starts identical.
+    Construction broadcasts rank 0's parameters and buffers, so every rank starts identical;
+    every rank takes rank 0's memory format first ("auto" is timed in each process).
     """
     if get_world_size() == 1:
         return model
     device = torch.device(device)
+    channels_last = torch.tensor([model_memory_format(model) is torch.channels_last],
+                                 dtype=torch.int64, device=device)
+    dist.broadcast(channels_last, src=0)
+    model = model.to(memory_format=torch.channels_last if channels_last.item()
+                     else torch.contiguous_format)
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

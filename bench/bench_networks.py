@@ -3,10 +3,11 @@ step, this project against the original score-SDE code in the same run.
 
 For each model and image size, the median wall-clock time of a forward pass (eval mode,
 `torch.no_grad()`, through `models.utils.get_model_fn`, i.e. the path the samplers take) in
-float32 with contiguous and channels-last weights and in bfloat16 autocast, the FLOP count of one
-evaluation (`torch.utils.flop_counter.FlopCounterMode`), the achieved GFLOP/s, and, as the
-yardstick, the GFLOP/s of an n x n float32 matrix product timed in the same run; then one training
-step (loss, backward, Adam, EMA) at the largest size.
+float32 and in bfloat16 autocast, each with contiguous and channels-last weights, the FLOP count
+of one evaluation (`torch.utils.flop_counter.FlopCounterMode`), the achieved GFLOP/s, and, as the
+yardstick, the GFLOP/s of an n x n float32 matrix product timed in the same run; what
+`model.memory_format` "auto" picks on this machine; then one training step (loss, backward,
+Adam, EMA) at the largest size.
 
 With `--original PATH` (a checkout of yang-song/score_sde_pytorch or bjing2016/subspace-diffusion)
 the original networks and training step are imported from PATH and timed alongside: the checkout
@@ -56,6 +57,7 @@ _SHARED_NAMES = ("models", "op", "sde_lib", "losses", "configs", "utils", "sampl
 # (label, memory format, precision) of this project's variants.
 VARIANTS = (("fp32 contiguous", "contiguous", "fp32"),
             ("fp32 channels-last", "channels_last", "fp32"),
+            ("bf16 contiguous", "contiguous", "bf16"),
             ("bf16 channels-last", "channels_last", "bf16"))
 ORIGINAL = "original fp32"
 
@@ -297,6 +299,22 @@ def bench_forward(name: str, size: int, args, original: Original | None, matmul:
     return rows
 
 
+def auto_choices(name: str, sizes: list[int], batch: int) -> list[str]:
+    """What `model.memory_format` "auto" picks on this machine (`measure_memory_format` at
+    `batch`), per size and precision, with the two medians."""
+    lines = []
+    for size in sizes:
+        model, config = our_network(name, size, "contiguous")
+        for precision in ("fp32", "bf16"):
+            chosen, medians = mutils.measure_memory_format(
+                model, size, config.data.num_channels, precision, batch=batch)
+            lines.append(f"- {name} {size} px {precision}: "
+                         f"{'channels-last' if chosen is torch.channels_last else 'contiguous'} "
+                         f"(contiguous {medians['contiguous']:.3f} s, channels-last "
+                         f"{medians['channels_last']:.3f} s)")
+    return lines
+
+
 def bench_train(name: str, size: int, args, original: Original | None) -> list:
     """Rows of the training-step table for one model at `size`."""
     model, config = our_network(name, size, "contiguous")
@@ -361,6 +379,10 @@ def main() -> None:
                 name_, px, label, wall, cpu, ratios, rate, share, diff = row
                 print(f"| {name_} | {px} | {label} | {wall:.3f} | {cpu:.3f} | {ratios} | "
                       f"{rate:.1f} | {share:.0f} % | {diff:.1e} |", flush=True)
+    print(f"\n`model.memory_format` auto on this machine (batch {args.batch}, interleaved, "
+          "median of 3):\n")
+    for name in args.models:
+        print("\n".join(auto_choices(name, args.sizes, args.batch)), flush=True)
     if not args.no_train:
         print(f"\nTraining step (loss, backward, Adam, EMA), batch {args.train_batch}, "
               f"{args.train_size}x{args.train_size}, median of {args.train_repeats} interleaved "

@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import logging
+import statistics
+import time
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -13,6 +16,8 @@ import torch.nn as nn
 
 import sde_lib
 from registry import Registry
+
+logger = logging.getLogger(__name__)
 
 _MODELS = Registry(
     "model", "Unknown model name '{name}': config.model.name must be one of {known}.")
@@ -84,7 +89,8 @@ def config_device(config) -> torch.device:
 
 def create_model(config, subspace: bool = False) -> nn.Module:
     """Build the network `config.model.name` on `config_device(config)` (no DataParallel), in
-    the memory format `config.model.memory_format` selects (`resolve_memory_format`).
+    the memory format `config.model.memory_format` selects (`resolve_memory_format`; "auto" on
+    the CPU times this network in both formats, once per process and configuration).
 
     `subspace=True` (the subspace-diffusion code's wrapper, configured by absl flags there) is
     refused with the name of its replacement.
@@ -100,10 +106,13 @@ def create_model(config, subspace: bool = False) -> nn.Module:
     # Configs written for the original code (or by hand) may lack these fields: defaults apply.
     precisions = {config.get(section, {}).get("precision", "fp32")
                   for section in ("training", "sampling")}
+    precision = min(precisions - {"fp32"}, default="fp32")
     memory_format = resolve_memory_format(config.model.get("memory_format", "auto"), device,
-                                          precision="fp32" if precisions == {"fp32"} else "bf16",
-                                          image_size=config.data.get("image_size"))
-    return model.to(device, memory_format=memory_format)
+                                          precision=precision)
+    model = model.to(device)
+    if memory_format is None:
+        memory_format = _measured_memory_format(model, config, precision)
+    return model.to(memory_format=memory_format)
 
 
 # How a network is evaluated: memory format, reduced precision, compilation.
@@ -120,24 +129,87 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def resolve_memory_format(name: str, device: torch.device | str, precision: str = "fp32",
-                          image_size: int | None = None) -> torch.memory_format:
-    """The memory format of network weights and inputs for `config.model.memory_format`.
+def resolve_memory_format(name: str, device: torch.device | str,
+                          precision: str = "fp32") -> torch.memory_format | None:
+    """The memory format of network weights and inputs for `config.model.memory_format`, or
+    None when it is to be measured for the network at hand (`measure_memory_format`).
 
-    "auto" is a fixed rule from measurements (bench/bench_networks.py), not a run-time probe:
-    channels-last on CPU for images of 32 pixels or more (oneDNN convolutions; NCSN++ at 32x32
-    1.14-1.17x faster with outputs equal to float32 rounding, while at 16 and 8 pixels it was
-    slower) and on CUDA in reduced precision (tensor cores); contiguous otherwise.
+    "auto" is measured on the CPU (`create_model` times the network in both formats once per
+    process and network configuration), channels-last on CUDA in reduced precision (tensor
+    cores; not measurable here), contiguous otherwise.
     """
     if name not in MEMORY_FORMATS:
         raise ValueError(f"Unknown memory format '{name}': set config.model.memory_format to "
                          f"one of {', '.join(MEMORY_FORMATS)}.")
     if name == "auto":
         device_type = torch.device(device).type
-        large = image_size is None or image_size >= 32
-        fast = (device_type == "cpu" and large) or (device_type == "cuda" and precision != "fp32")
-        name = "channels_last" if fast else "contiguous"
+        if device_type == "cpu":
+            return None
+        name = "channels_last" if device_type == "cuda" and precision != "fp32" else "contiguous"
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+# channels-last must be at least this much faster to be chosen: contiguous is the layout of the
+# original code, so near-ties keep its rounding.
+CHANNELS_LAST_MARGIN = 0.97
+_MEASURED_FORMATS: dict[tuple, torch.memory_format] = {}
+
+
+def measure_memory_format(model: nn.Module, image_size: int, num_channels: int,
+                          precision: str = "fp32", batch: int = 1,
+                          repeats: int = 3) -> tuple[torch.memory_format, dict[str, float]]:
+    """Time one forward pass of `model` (eval mode, no gradients, `precision`) on a `batch` of
+    images in each memory format, interleaved over `repeats` rounds after a warm-up call each;
+    return channels-last when its median is below CHANNELS_LAST_MARGIN times contiguous's, else
+    contiguous, with the medians in seconds. The model is left contiguous, in its own mode, and
+    the global random generator is not touched."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, num_channels, image_size, image_size, device=device,
+                    generator=generator)
+    labels = torch.ones(batch, device=device)
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    seconds: dict[str, list[float]] = {name: [] for name in formats}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), network_options(precision=precision, compile=False):
+            for round_ in range(repeats + 1):
+                for name, memory_format in formats.items():
+                    model.to(memory_format=memory_format)
+                    start = time.perf_counter()
+                    run_network(model, x, labels)
+                    if round_ > 0:  # round 0 warms up
+                        seconds[name].append(time.perf_counter() - start)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+        model.train(was_training)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    faster = medians["channels_last"] < CHANNELS_LAST_MARGIN * medians["contiguous"]
+    return formats["channels_last" if faster else "contiguous"], medians
+
+
+def _measured_memory_format(model: nn.Module, config, precision: str) -> torch.memory_format:
+    """`measure_memory_format` once per process for each network configuration, image size,
+    precision, device and thread count."""
+    image_size = int(config.data.image_size)
+    num_channels = int(config.data.get("num_channels", 3))
+    device = next(model.parameters()).device
+    key = (config.model.name, repr(sorted(config.model.items())), image_size, num_channels,
+           precision, str(device), torch.get_num_threads())
+    if key not in _MEASURED_FORMATS:
+        # A batch of 8 at 32 px and the same pixel count above (at least one image): the probe
+        # costs about eight network evaluations of that size.
+        batch = min(8, max(1, 8 * 32 * 32 // image_size ** 2))
+        chosen, medians = measure_memory_format(model, image_size, num_channels, precision,
+                                                batch=batch)
+        _MEASURED_FORMATS[key] = chosen
+        logger.info("Memory format of %s at %d px (%s, %s): %s (one forward at batch %d: "
+                    "contiguous %.4f s, channels-last %.4f s; config.model.memory_format "
+                    "fixes it).", config.model.name, image_size, precision, device,
+                    "channels_last" if chosen is torch.channels_last else "contiguous", batch,
+                    medians["contiguous"], medians["channels_last"])
+    return _MEASURED_FORMATS[key]
 
 
 def model_memory_format(model: nn.Module) -> torch.memory_format:

@@ -72,6 +72,12 @@ def test_smoke_evaluation_split_at_the_same_n(smoke):
         low, high = info["proxy_fid_interval"]
         assert 0 <= low <= high
         costs = results["network_cost"]
+        # The costs were timed inside the samplers' own calls: every call, and only those.
+        batches = math.ceil(settings.num_samples / settings.sample_batch)
+        for size, cost in costs.items():
+            made = sum(point["nfe"].get(size, 0) for curve in results["quality_cost"].values()
+                       for point in curve.values())
+            assert cost["calls"] == made * batches and cost["seconds"] > 0, size
         ideal = (n * costs["32"]["seconds"]
                  / sum(k * costs[s]["seconds"] for s, k in info["nfe"].items()))
         assert info["speedup"]["ideal_measured_cost"] == pytest.approx(ideal)
@@ -194,7 +200,7 @@ def test_committed_checkpoints_and_results(tmp_path):
     # The quick mode's path on 4 samples: committed weights (strict), manifest cutoffs. N stays
     # at the committed value (the networks hold a buffer of N noise levels).
     settings = dataclasses.replace(demo_lib.DemoSettings.for_mode("quick"), num_samples=4,
-                                   grid_samples=4, cost_repeats=1)
+                                   grid_samples=4)
     results = demo_lib.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
     assert results["cutoffs"]["values"] == manifest["cutoffs"]["values"]
     assert all(t["source"].startswith("committed") for t in results["training"].values())

@@ -29,6 +29,8 @@ OVERRIDES = {
     "data.image_size": 8,
     "data.uniform_dequantization": True,
     "model.nf": 8,
+    # "auto" is timed in each process; the one- and two-process runs must share one layout.
+    "model.memory_format": "contiguous",
     "model.num_scales": 4,
     "training.batch_size": 4,
     "training.snapshot_freq": 2,

@@ -57,7 +57,7 @@ def test_channels_last_equals_contiguous_on_the_reference_cases(reference_dir, c
             model = load_model_weights(mutils.create_model(config),
                                        case_dir / f"checkpoint_{which}.pth", device="cpu")
             assert mutils.model_memory_format(model) == mutils.resolve_memory_format(
-                memory_format, "cpu", image_size=size)
+                memory_format, "cpu")
             score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
             with torch.no_grad():
                 scores[memory_format] = torch.stack([score_fn(x, t) for t in e["vec_t"]])
@@ -68,21 +68,56 @@ def test_channels_last_equals_contiguous_on_the_reference_cases(reference_dir, c
             assert _max_relative(fast[i], e[key][i]) <= RELATIVE_TOL, (key, i)
 
 
-def test_auto_memory_format_is_a_fixed_rule_per_device_and_precision():
+def test_auto_memory_format_is_measured_on_cpu_and_a_rule_elsewhere():
     cl, contiguous = torch.channels_last, torch.contiguous_format
-    assert mutils.resolve_memory_format("auto", "cpu") == cl
-    assert mutils.resolve_memory_format("auto", "cpu", image_size=32) == cl
-    # Below 32 pixels channels-last was measured slower on CPU.
-    assert mutils.resolve_memory_format("auto", "cpu", image_size=16) == contiguous
-    assert mutils.resolve_memory_format("auto", "cpu", precision="bf16") == cl
+    assert mutils.resolve_memory_format("auto", "cpu") is None  # measured by create_model
+    assert mutils.resolve_memory_format("auto", "cpu", precision="bf16") is None
     assert mutils.resolve_memory_format("auto", "cuda") == contiguous
     assert mutils.resolve_memory_format("auto", "cuda", precision="fp16") == cl
+    assert mutils.resolve_memory_format("auto", "meta") == contiguous
     assert mutils.resolve_memory_format("contiguous", "cpu") == contiguous
     assert mutils.resolve_memory_format("channels_last", "cuda") == cl
     with pytest.raises(ValueError) as info:
         mutils.resolve_memory_format("nhwc", "cpu")
     assert str(info.value) == ("Unknown memory format 'nhwc': set config.model.memory_format to "
                                "one of auto, contiguous, channels_last.")
+
+
+def test_auto_memory_format_times_the_network_once_per_configuration(monkeypatch):
+    config = demo_lib.demo_config(8, demo_lib.DemoSettings.for_mode("smoke"),
+                                  device=torch.device("cpu"))
+    config.model.nf = 8  # a configuration no other test measured in this process
+    calls = []
+    measure = mutils.measure_memory_format
+
+    def counting(*args, **kwargs):
+        calls.append(args[1:])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(mutils, "measure_memory_format", counting)
+    # Building draws initial weights from the global generator; the probe draws nothing more.
+    config.model.memory_format = "contiguous"
+    torch.manual_seed(0)
+    mutils.create_model(config)
+    rng_state = torch.get_rng_state()
+    config.model.memory_format = "auto"
+    torch.manual_seed(0)
+    first = mutils.create_model(config)
+    assert torch.equal(torch.get_rng_state(), rng_state), "the probe must not draw from it"
+    assert first.training, "the model comes back in its own mode"
+    second = mutils.create_model(config)
+    assert calls == [(8, 3, "fp32")]
+    assert mutils.model_memory_format(first) == mutils.model_memory_format(second)
+    config.sampling.precision = "bf16"  # another precision is measured again
+    mutils.create_model(config)
+    assert calls == [(8, 3, "fp32"), (8, 3, "bf16")]
+    # The measurement itself: medians of both formats, and the faster one past the margin.
+    chosen, medians = measure(first, 8, 3, repeats=2)
+    assert set(medians) == {"contiguous", "channels_last"}
+    assert all(value > 0 for value in medians.values())
+    faster = medians["channels_last"] < mutils.CHANNELS_LAST_MARGIN * medians["contiguous"]
+    assert chosen == (torch.channels_last if faster else torch.contiguous_format)
+    assert mutils.model_memory_format(first) == torch.contiguous_format
 
 
 # ----------------------------------------------------------------------------------------------
