@@ -41,10 +41,14 @@ def _kernel_tensor(k: tuple, factor: int, gain: float, device: torch.device) -> 
 
 
 def _as_key(k: Kernel, factor: int) -> tuple:
+    # Plain Python, no NumPy: torch.compile traces this without a graph break.
     if k is None:
-        return (1,) * factor
-    k = np.asarray(k, dtype=np.float64)
-    return tuple(map(tuple, k.tolist())) if k.ndim == 2 else tuple(k.tolist())
+        return (1.0,) * factor
+    if isinstance(k, torch.Tensor):
+        k = k.tolist()
+    if len(k) and hasattr(k[0], "__len__"):
+        return tuple(tuple(float(v) for v in row) for row in k)
+    return tuple(float(v) for v in k)
 
 
 def _kernel(k: Kernel, factor: int, gain: float, device: torch.device) -> torch.Tensor:

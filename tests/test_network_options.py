@@ -350,3 +350,23 @@ def test_compiled_network_matches_eager_and_keeps_the_state_dict():
     for p, q in zip(state["model"].parameters(), other["model"].parameters()):
         assert (p - q).abs().max() <= 1e-6
     assert list(other["model"].state_dict()) == list(state["model"].state_dict())
+
+
+@pytest.mark.parametrize("module", ["configs.builtin.ve_ncsnpp_small",
+                                    "configs.builtin.subvp_ddpmpp_small"])
+def test_the_networks_trace_as_one_graph(module):
+    # A graph break (NumPy in the FIR kernel lookup was one) splits the compiled network into
+    # per-block graphs that recompile for every block instance and fall back to eager.
+    import importlib
+
+    config = importlib.import_module(module).get_config()
+    config.data.image_size = 8
+    config.device = torch.device("cpu")
+    model = mutils.create_model(config).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    labels = torch.tensor([0.5, 1.0])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x, labels)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
