@@ -85,7 +85,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
 def add_performance_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Add the fields of this project that choose how networks run, with defaults that keep
     fp32 results: memory format, precision, compilation, gradient accumulation."""
-    # auto: channels-last on CPU, and on CUDA in reduced precision; or contiguous, channels_last.
+    # auto: measured per network on the CPU (models.utils.measure_memory_format), channels-last
+    # on CUDA in reduced precision; or contiguous, channels_last.
     config.model.memory_format = "auto"
     # Network forward/backward in fp32, bf16 or fp16 (autocast; fp16 training scales the loss).
     config.training.precision = "fp32"
