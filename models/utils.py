@@ -4,17 +4,23 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import platform
 import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import sde_lib
+from files import atomic_write_text
 from registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -167,7 +173,9 @@ def measure_memory_format(model: nn.Module, image_size: int, num_channels: int,
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, num_channels, image_size, image_size, device=device,
                     generator=generator)
-    labels = torch.ones(batch, device=device)
+    # Integer labels: networks that look their noise level up by index need them, and the
+    # others (time or sigma embeddings) take them as the number 1.
+    labels = torch.ones(batch, dtype=torch.long, device=device)
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     seconds: dict[str, list[float]] = {name: [] for name in formats}
     was_training = model.training
@@ -189,14 +197,58 @@ def measure_memory_format(model: nn.Module, image_size: int, num_channels: int,
     return formats["channels_last" if faster else "contiguous"], medians
 
 
+MEMORY_FORMAT_CACHE_ENV = "SUBSPACE_DIFFUSION_CACHE"
+
+
+def memory_format_cache_path() -> Path:
+    """The file of measured memory formats: $SUBSPACE_DIFFUSION_CACHE, else
+    $XDG_CACHE_HOME/subspace-diffusion, else ~/.cache/subspace-diffusion; memory_formats.json."""
+    folder = os.environ.get(MEMORY_FORMAT_CACHE_ENV)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+        folder = os.path.join(base, "subspace-diffusion")
+    return Path(folder) / "memory_formats.json"
+
+
+def _processor_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_format_cache(path: Path) -> dict[str, str]:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
 def _measured_memory_format(model: nn.Module, config, precision: str) -> torch.memory_format:
-    """`measure_memory_format` once per process for each network configuration, image size,
-    precision, device and thread count."""
+    """`measure_memory_format` once per machine for each network configuration, image size,
+    precision, device, thread count and torch version. The answer is kept in
+    `memory_format_cache_path()` (in memory only when that file cannot be written), so that
+    every later run, and every process of a run, uses the same layout and gives the same
+    numbers."""
     image_size = int(config.data.image_size)
     num_channels = int(config.data.get("num_channels", 3))
     device = next(model.parameters()).device
-    key = (config.model.name, repr(sorted(config.model.items())), image_size, num_channels,
-           precision, str(device), torch.get_num_threads())
+    network = hashlib.sha256(repr(sorted(config.model.items())).encode()).hexdigest()[:16]
+    key = (f"{config.model.name}/{network}/{image_size}px/{num_channels}ch/{precision}/"
+           f"{device}/{torch.get_num_threads()}threads/torch{torch.__version__}/"
+           f"{_processor_name()}")
+    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    path = memory_format_cache_path()
+    if key not in _MEASURED_FORMATS:
+        known = _read_format_cache(path).get(key)
+        if known in formats:
+            _MEASURED_FORMATS[key] = formats[known]
     if key not in _MEASURED_FORMATS:
         # A batch of 8 at 32 px and the same pixel count above (at least one image): the probe
         # costs about eight network evaluations of that size.
@@ -204,11 +256,18 @@ def _measured_memory_format(model: nn.Module, config, precision: str) -> torch.m
         chosen, medians = measure_memory_format(model, image_size, num_channels, precision,
                                                 batch=batch)
         _MEASURED_FORMATS[key] = chosen
-        logger.info("Memory format of %s at %d px (%s, %s): %s (one forward at batch %d: "
-                    "contiguous %.4f s, channels-last %.4f s; config.model.memory_format "
-                    "fixes it).", config.model.name, image_size, precision, device,
-                    "channels_last" if chosen is torch.channels_last else "contiguous", batch,
-                    medians["contiguous"], medians["channels_last"])
+        name = "channels_last" if chosen is torch.channels_last else "contiguous"
+        try:
+            entries = _read_format_cache(path)
+            entries[key] = name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        except OSError:
+            logger.debug("Could not write %s; the measured memory format stays in memory.", path)
+        logger.debug("Memory format of %s at %d px (%s, %s): %s (one forward at batch %d: "
+                     "contiguous %.4f s, channels-last %.4f s), kept in %s.", config.model.name,
+                     image_size, precision, device, name, batch, medians["contiguous"],
+                     medians["channels_last"], path)
     return _MEASURED_FORMATS[key]
 
 

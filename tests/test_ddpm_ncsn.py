@@ -73,7 +73,10 @@ def _ddpm_config(**model_overrides) -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         name="ddpm", sigma_min=0.01, sigma_max=50.0, num_scales=10, dropout=0.1,
         scale_by_sigma=False, nonlinearity="swish", nf=32, ch_mult=(1, 2), num_res_blocks=1,
-        attn_resolutions=(8,), resamp_with_conv=True, conditional=True))
+        attn_resolutions=(8,), resamp_with_conv=True, conditional=True,
+        # Twins of different configs are compared to 1e-6: one layout for all ("auto" is
+        # measured per configuration).
+        memory_format="contiguous"))
     config.model.update(model_overrides)
     config.device = CPU
     return config

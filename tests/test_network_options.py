@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -83,10 +84,13 @@ def test_auto_memory_format_is_measured_on_cpu_and_a_rule_elsewhere():
                                "one of auto, contiguous, channels_last.")
 
 
-def test_auto_memory_format_times_the_network_once_per_configuration(monkeypatch):
+def test_auto_memory_format_is_measured_once_per_machine_and_configuration(monkeypatch,
+                                                                             tmp_path):
+    monkeypatch.setenv(mutils.MEMORY_FORMAT_CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(mutils, "_MEASURED_FORMATS", {})
     config = demo_lib.demo_config(8, demo_lib.DemoSettings.for_mode("smoke"),
                                   device=torch.device("cpu"))
-    config.model.nf = 8  # a configuration no other test measured in this process
+    config.model.nf = 8
     calls = []
     measure = mutils.measure_memory_format
 
@@ -111,6 +115,27 @@ def test_auto_memory_format_times_the_network_once_per_configuration(monkeypatch
     config.sampling.precision = "bf16"  # another precision is measured again
     mutils.create_model(config)
     assert calls == [(8, 3, "fp32"), (8, 3, "bf16")]
+    # Another process (an empty memory) reads both answers from the file instead of measuring.
+    cache = mutils.memory_format_cache_path()
+    assert cache.parent == tmp_path
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 2 and set(entries.values()) <= {"contiguous", "channels_last"}
+    monkeypatch.setattr(mutils, "_MEASURED_FORMATS", {})
+    mutils.create_model(config)
+    assert len(calls) == 2
+    # The file's answer is the one used (here the opposite of what was measured).
+    key = next(k for k in entries if "/bf16/" in k)
+    flipped = "contiguous" if entries[key] == "channels_last" else "channels_last"
+    cache.write_text(json.dumps({**entries, key: flipped}))
+    monkeypatch.setattr(mutils, "_MEASURED_FORMATS", {})
+    expected = torch.channels_last if flipped == "channels_last" else torch.contiguous_format
+    assert mutils.model_memory_format(mutils.create_model(config)) == expected
+    # An unreadable file is measured over.
+    cache.write_text("not json")
+    monkeypatch.setattr(mutils, "_MEASURED_FORMATS", {})
+    mutils.create_model(config)
+    assert len(calls) == 3
+    config.sampling.precision = "fp32"
     # The measurement itself: medians of both formats, and the faster one past the margin.
     chosen, medians = measure(first, 8, 3, repeats=2)
     assert set(medians) == {"contiguous", "channels_last"}
