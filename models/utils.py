@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -96,7 +97,7 @@ def config_device(config) -> torch.device:
 def create_model(config, subspace: bool = False) -> nn.Module:
     """Build the network `config.model.name` on `config_device(config)` (no DataParallel), in
     the memory format `config.model.memory_format` selects (`resolve_memory_format`; "auto" on
-    the CPU times this network in both formats, once per process and configuration).
+    the CPU times this network in both formats, once per machine and configuration).
 
     `subspace=True` (the subspace-diffusion code's wrapper, configured by absl flags there) is
     refused with the name of its replacement.
@@ -141,7 +142,7 @@ def resolve_memory_format(name: str, device: torch.device | str,
     None when it is to be measured for the network at hand (`measure_memory_format`).
 
     "auto" is measured on the CPU (`create_model` times the network in both formats once per
-    process and network configuration), channels-last on CUDA in reduced precision (tensor
+    machine and network configuration), channels-last on CUDA in reduced precision (tensor
     cores; not measurable here), contiguous otherwise.
     """
     if name not in MEMORY_FORMATS:
@@ -152,13 +153,14 @@ def resolve_memory_format(name: str, device: torch.device | str,
         if device_type == "cpu":
             return None
         name = "channels_last" if device_type == "cuda" and precision != "fp32" else "contiguous"
-    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+    return _LAYOUTS[name]
 
 
 # channels-last must be at least this much faster to be chosen: contiguous is the layout of the
 # original code, so near-ties keep its rounding.
 CHANNELS_LAST_MARGIN = 0.97
-_MEASURED_FORMATS: dict[tuple, torch.memory_format] = {}
+_LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+_MEASURED_FORMATS: dict[str, torch.memory_format] = {}
 
 
 def measure_memory_format(model: nn.Module, image_size: int, num_channels: int,
@@ -176,14 +178,13 @@ def measure_memory_format(model: nn.Module, image_size: int, num_channels: int,
     # Integer labels: networks that look their noise level up by index need them, and the
     # others (time or sigma embeddings) take them as the number 1.
     labels = torch.ones(batch, dtype=torch.long, device=device)
-    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    seconds: dict[str, list[float]] = {name: [] for name in formats}
+    seconds: dict[str, list[float]] = {name: [] for name in _LAYOUTS}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), network_options(precision=precision, compile=False):
             for round_ in range(repeats + 1):
-                for name, memory_format in formats.items():
+                for name, memory_format in _LAYOUTS.items():
                     model.to(memory_format=memory_format)
                     start = time.perf_counter()
                     run_network(model, x, labels)
@@ -194,7 +195,7 @@ def measure_memory_format(model: nn.Module, image_size: int, num_channels: int,
         model.train(was_training)
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     faster = medians["channels_last"] < CHANNELS_LAST_MARGIN * medians["contiguous"]
-    return formats["channels_last" if faster else "contiguous"], medians
+    return _LAYOUTS["channels_last" if faster else "contiguous"], medians
 
 
 MEMORY_FORMAT_CACHE_ENV = "SUBSPACE_DIFFUSION_CACHE"
@@ -211,6 +212,7 @@ def memory_format_cache_path() -> Path:
     return Path(folder) / "memory_formats.json"
 
 
+@functools.cache
 def _processor_name() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
@@ -243,12 +245,11 @@ def _measured_memory_format(model: nn.Module, config, precision: str) -> torch.m
     key = (f"{config.model.name}/{network}/{image_size}px/{num_channels}ch/{precision}/"
            f"{device}/{torch.get_num_threads()}threads/torch{torch.__version__}/"
            f"{_processor_name()}")
-    formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     path = memory_format_cache_path()
     if key not in _MEASURED_FORMATS:
         known = _read_format_cache(path).get(key)
-        if known in formats:
-            _MEASURED_FORMATS[key] = formats[known]
+        if known in _LAYOUTS:
+            _MEASURED_FORMATS[key] = _LAYOUTS[known]
     if key not in _MEASURED_FORMATS:
         # A batch of 8 at 32 px and the same pixel count above (at least one image): the probe
         # costs about eight network evaluations of that size.

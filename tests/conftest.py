@@ -1,5 +1,7 @@
 """Shared fixtures: the repository root on sys.path, the reference data beside the clone."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -11,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from models.utils import MEMORY_FORMAT_CACHE_ENV  # noqa: E402  (after the path set-up)
+
 REFERENCE = Path(os.environ.get("SUBSPACE_REFERENCE", ROOT.parent / "shared" / "reference"))
 
 # The tests run thousands of operations on tiny tensors, where intra-op threads only add
@@ -18,8 +22,10 @@ REFERENCE = Path(os.environ.get("SUBSPACE_REFERENCE", ROOT.parent / "shared" / "
 torch.set_num_threads(1)
 
 # Memory formats measured by "auto" go to a folder of this session (inherited by the entry
-# scripts the tests start), not to the user's cache.
-os.environ["SUBSPACE_DIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="subspace-diffusion-cache-")
+# scripts the tests start), not to the user's cache; it is removed when the session ends.
+_FORMAT_CACHE = tempfile.mkdtemp(prefix="subspace-diffusion-cache-")
+os.environ[MEMORY_FORMAT_CACHE_ENV] = _FORMAT_CACHE
+atexit.register(shutil.rmtree, _FORMAT_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
