@@ -84,6 +84,9 @@ class DemoSettings:
     train_batch: int = 32
     lr: float = 1e-3
     warmup: int = 100
+    # The 16x16 and 8x8 models only run above their cutoffs, so they train on t in [this, 1]
+    # (the cutoffs are raised to it if the divergence puts them lower).
+    subspace_min_time: float = 0.2
     num_steps: int = 100
     num_samples: int = 512
     sample_batch: int = 128
@@ -128,7 +131,7 @@ class DemoSettings:
         return {"config": CONFIG_MODULE, "train_steps": {str(k): v for k, v in
                                                           self.train_steps.items()},
                 "train_batch": self.train_batch, "lr": self.lr, "warmup": self.warmup,
-                "seed": self.seed}
+                "subspace_min_time": self.subspace_min_time, "seed": self.seed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +149,8 @@ def demo_config(image_size: int, settings: DemoSettings,
                            snapshot_freq_for_preemption=min(100, steps), log_freq=25,
                            eval_freq=max(steps, 1), snapshot_sampling=False)
     config.optim.update(lr=settings.lr, warmup=settings.warmup)
+    if int(image_size) < FULL_SIZE:
+        config.training.min_time = settings.subspace_min_time
     config.model.num_scales = settings.num_steps
     config.seed = settings.seed
     config.device = device if device is not None else mutils.default_device()
@@ -309,6 +314,10 @@ def divergence_and_cutoffs(full_net: torch.nn.Module, config, rmsd: dict[int, fl
     if threshold is None or any(v is None for v in chosen.values()):
         chosen = {str(s): t for s, t in zip(SUBSPACE_SIZES, settings.fallback_cutoffs)}
         rule += f"; cutoffs {list(settings.fallback_cutoffs)} (fixed fallback)"
+    if any(t < settings.subspace_min_time for t in chosen.values()):
+        chosen = {s: max(t, settings.subspace_min_time) for s, t in chosen.items()}
+        rule += (f"; raised to at least {settings.subspace_min_time:g}, the smallest time the "
+                 "subspace models were trained at")
     marks = {size: {repr(float(threshold)): t} for size, t in chosen.items()} if threshold \
         else None
     fig = plot_divergence(data, [threshold] if threshold else (), marks,
@@ -383,18 +392,20 @@ def sde_with_steps(config, num_steps: int) -> tuple[sde_lib.SDE, float]:
 
 def sample_full_only(full_net, config, batch: int, num_steps: int, seed: int, progress: bool
                      ) -> tuple[torch.Tensor, dict]:
-    """One batch of N-step PC sampling (the config's predictor/corrector), full network only."""
+    """One batch of N-step PC sampling (the config's predictor/corrector), full network only,
+    from the prior and increments of `sampling.CommonNoise(seed)`."""
     sde, eps = sde_with_steps(config, num_steps)
     device = config.device
     score_fn = mutils.get_score_fn(sde, full_net, train=False, continuous=True)
+    noise = sampling.CommonNoise(seed, (batch, 3, FULL_SIZE, FULL_SIZE))
     torch.manual_seed(seed)
     began = time.perf_counter()
     cpu0 = time.process_time()
-    x = sde.prior_sampling((batch, 3, FULL_SIZE, FULL_SIZE)).to(device)
+    x = noise.prior().to(device=device, dtype=torch.float32)
     x, _, nfe = sampling.pc_sample_window(score_fn, sde, x, sde.T, eps, sde.N,
                                           probability_flow=False, denoise=True,
                                           progress=progress, desc=f"full only, N = {sde.N}",
-                                          eps=eps, **_sampler_kwargs(config))
+                                          eps=eps, noise=noise, **_sampler_kwargs(config))
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu0
     return x, {"nfe": {str(FULL_SIZE): nfe}, "steps": {str(FULL_SIZE): sde.N},
                "seconds": seconds, "cpu_seconds": cpu, "stages": []}
@@ -405,19 +416,25 @@ def sample_subspace(networks: dict[int, torch.nn.Module], config, sizes: Sequenc
                     batch: int, num_steps: int, seed: int, progress: bool
                     ) -> tuple[torch.Tensor, dict]:
     """One batch of N-step subspace diffusion sampling (`subspace_sampling.subspace_pc_sample`)
-    with the plan `sizes` at the given cutoffs, conditional Langevin after each upsampling."""
+    with the plan `sizes` at the given cutoffs, conditional Langevin after each upsampling; its
+    prior and increments are the subspace parts of `sample_full_only`'s with the same seed
+    (`sampling.CommonNoise`), its upsampling and Langevin noise its own."""
     sde, eps = sde_with_steps(config, num_steps)
     plan = sl.SubspacePlan.from_statistics(FULL_SIZE, tuple(sizes),
                                            tuple(cutoffs[s] for s in sizes), STATS_NAME,
                                            stats_path)
     nets = [networks[FULL_SIZE]] + [networks[s] for s in sizes]
+    shape = (batch, 3, FULL_SIZE, FULL_SIZE)
+    noise = sampling.CommonNoise(seed, shape)
+    prior = noise.prior(plan.halvings_of(plan.num_levels))
     torch.manual_seed(seed)
     cpu0 = time.process_time()
     x, reports = subspace_pc_sample(
-        nets, sde, plan, bool(config.data.centered), (batch, 3, FULL_SIZE, FULL_SIZE),
-        eps=eps, probability_flow=False, continuous=True, denoise=True,
-        langevin_snr=settings.langevin_snr, langevin_steps=settings.langevin_steps,
-        device=config.device, progress=progress, **_sampler_kwargs(config))
+        nets, sde, plan, bool(config.data.centered), shape, eps=eps, probability_flow=False,
+        continuous=True, denoise=True, langevin_snr=settings.langevin_snr,
+        langevin_steps=settings.langevin_steps,
+        x=prior.to(device=config.device, dtype=torch.float32), device=config.device,
+        progress=progress, noise=noise, **_sampler_kwargs(config))
     cpu = time.process_time() - cpu0
     nfe: dict[str, int] = {}
     steps: dict[str, int] = {}
@@ -435,9 +452,11 @@ def draw_samples(networks: dict[int, torch.nn.Module], config,
                  progress: bool) -> dict[str, tuple[np.ndarray, dict]]:
     """`settings.num_samples` samples (uint8 NHWC) of each sampler (name -> subspace sizes of
     its plan, empty for full only) at N = `num_steps`, drawn in batches of
-    `settings.sample_batch`: batch b is seeded with seed + b, so every sampler and every N
-    starts from the same noise, and the samplers take turns batch by batch, so that a drift of
-    the machine's speed hits them alike. Network evaluations are per batch; times are summed."""
+    `settings.sample_batch`: batch b is seeded with seed + b, and every sampler of a batch
+    draws its prior and increments from the same `sampling.CommonNoise` (common random
+    numbers), so that they differ by what they do, not by their noise. The samplers take turns
+    batch by batch, so that a drift of the machine's speed hits them alike. Network
+    evaluations are per batch; times are summed."""
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     batches = -(-settings.num_samples // settings.sample_batch)
     chunks: dict[str, list[np.ndarray]] = {name: [] for name in samplers}

@@ -162,7 +162,8 @@ def get_ddpm_loss_fn(vpsde: VPSDE, train: bool, reduce_mean: bool = True) -> Cal
 def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = None,
                 reduce_mean: bool = False, continuous: bool = True,
                 likelihood_weighting: bool = False, precision: str = "fp32",
-                grad_accum: int = 1, compile: bool | str = False) -> Callable:
+                grad_accum: int = 1, compile: bool | str = False,
+                min_time: float = 1e-5) -> Callable:
     """A function `step_fn(state, batch, generator=None) -> loss` for one training/eval step
     (`generator`: one generator, or one per example; see `get_sde_loss_fn`).
 
@@ -176,14 +177,18 @@ def get_step_fn(sde: sde_lib.SDE, train: bool, optimize_fn: Callable | None = No
     `grad_accum` = k splits the batch into k equal micro-batches whose gradients add up to the
     whole batch's (the losses are means over examples), so the update is the same to float
     rounding when every example has its own generator; the returned loss is the whole batch's.
+    Continuous training draws t from U(min_time, T) (`get_sde_loss_fn`).
     """
     mutils.check_precision(precision)
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"Gradient accumulation needs a positive whole number of micro-batches, "
                          f"not {grad_accum!r}: set config.training.grad_accum to 1 or more.")
+    if not 0 < min_time < sde.T:
+        raise ValueError(f"The smallest training time must lie in (0, T = {sde.T}); got "
+                         f"{min_time}: set config.training.min_time accordingly.")
     if continuous:
         loss_fn = get_sde_loss_fn(sde, train, reduce_mean=reduce_mean, continuous=True,
-                                  likelihood_weighting=likelihood_weighting)
+                                  likelihood_weighting=likelihood_weighting, eps=min_time)
     else:
         if likelihood_weighting:
             raise ValueError("Likelihood weighting needs continuous training: set "

@@ -197,7 +197,8 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
                        continuous=config.training.continuous,
                        likelihood_weighting=config.training.likelihood_weighting,
                        precision=config.training.get("precision", "fp32"),
-                       compile=config.training.get("compile", False))
+                       compile=config.training.get("compile", False),
+                       min_time=config.training.get("min_time", 1e-5))
     train_step_fn = losses.get_step_fn(train=True, grad_accum=config.training.get("grad_accum", 1),
                                        **step_kwargs)
     eval_step_fn = losses.get_step_fn(train=False, **step_kwargs)

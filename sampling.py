@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import sde_lib
 import solvers
+import subspace_lib as sl
 from models import utils as mutils
 from registry import Registry
 from sde_lib import batch_broadcast
@@ -32,6 +33,50 @@ ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Per-update hook of the PC loop: (x, x_mean, t) -> the state to continue from (or None: unchanged).
 StepCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                         "tuple[torch.Tensor, torch.Tensor] | None"]
+
+# The predictor's standard normal draw for a state x at per-example times t.
+NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def standard_normal(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A fresh N(0, I) draw shaped like x from the global generator (the default noise)."""
+    return torch.randn_like(x)
+
+
+class CommonNoise:
+    """Common random numbers for comparing samplers: the same noise for every sampler.
+
+    The predictor's draw at grid time t is a full-size N(0, I) sample, shape `full_shape`, from
+    a generator seeded by (seed, t); a state of a smaller side gets its subspace coordinates
+    D^k z (`subspace_lib.downsample`, orthonormal, so again N(0, I)). A subspace sampler and the
+    full sampler at the same N visit the same grid times, so the subspace sampler receives
+    exactly the subspace part of the full sampler's increments, and `prior(k)` is D^k of one
+    shared prior draw. The samples then differ by what the samplers do, not by their random
+    numbers, which makes a difference in quality readable at a small sample count.
+    """
+
+    def __init__(self, seed: int, full_shape: Sequence[int]):
+        self.seed = int(seed)
+        self.full_shape = tuple(int(v) for v in full_shape)
+
+    def _draw(self, key: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+        z = torch.randn(self.full_shape, generator=generator, dtype=torch.float64)
+        return z if like is None else z.to(device=like.device, dtype=like.dtype)
+
+    def prior(self, halvings: int = 0) -> torch.Tensor:
+        """D^k z of the shared N(0, I) draw at time T (float64 on the CPU)."""
+        return sl.downsample(self._draw(0), halvings)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[:2] != self.full_shape[:2] or x.shape[-1] > self.full_shape[-1]:
+            raise ValueError(f"Common noise of shape {self.full_shape} cannot serve a state of "
+                             f"shape {tuple(x.shape)}: give the full sampler's batch shape.")
+        # Grid times are at least 1e-5 apart; the key identifies t, the same in every sampler.
+        key = 1 + int(round(float(t.reshape(-1)[0]) * 1e7))
+        z = self._draw(key, like=x)
+        return sl.downsample(z, sl.num_halvings(self.full_shape[-1], x.shape[-1]))
+
 
 _PREDICTORS = Registry("predictor")
 _CORRECTORS = Registry("corrector")
@@ -69,12 +114,15 @@ def _discrete_index(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
 class Predictor(abc.ABC):
     """One step of a reverse-time SDE (or ODE) solver from time t to t - 1/N."""
 
-    def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, probability_flow: bool = False):
+    def __init__(self, sde: sde_lib.SDE, score_fn: ScoreFn, probability_flow: bool = False,
+                 noise: NoiseFn | None = None):
         super().__init__()
         self.sde = sde
         self.rsde = sde.reverse(score_fn, probability_flow)
         self.score_fn = score_fn
         self.probability_flow = probability_flow
+        # Where the step's N(0, I) draw comes from (`standard_normal`, or `CommonNoise`).
+        self.noise = noise if noise is not None else standard_normal
 
     @abc.abstractmethod
     def update_fn(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +150,7 @@ class EulerMaruyamaPredictor(Predictor):
 
     def update_fn(self, x, t):
         dt = -1.0 / self.rsde.N
-        z = torch.randn_like(x)
+        z = self.noise(x, t)
         drift, diffusion = self.rsde.sde(x, t)
         x_mean = x + drift * dt
         x = x_mean + batch_broadcast(diffusion, x) * math.sqrt(-dt) * z
@@ -116,7 +164,7 @@ class ReverseDiffusionPredictor(Predictor):
 
     def update_fn(self, x, t):
         f, G = self.rsde.discretize(x, t)
-        z = torch.randn_like(x)
+        z = self.noise(x, t)
         x_mean = x - f
         x = x_mean + batch_broadcast(G, x) * z
         return x, x_mean
@@ -129,8 +177,8 @@ class AncestralSamplingPredictor(Predictor):
     Only VE and VP SDEs have such a chain; sub-VP has none.
     """
 
-    def __init__(self, sde, score_fn, probability_flow=False):
-        super().__init__(sde, score_fn, probability_flow)
+    def __init__(self, sde, score_fn, probability_flow=False, noise=None):
+        super().__init__(sde, score_fn, probability_flow, noise)
         if isinstance(sde, sde_lib.subVPSDE) or not isinstance(sde, (sde_lib.VPSDE, sde_lib.VESDE)):
             raise NotImplementedError(
                 f"Ancestral sampling is defined for VE and VP SDEs only, not "
@@ -151,7 +199,7 @@ class AncestralSamplingPredictor(Predictor):
         score = self.score_fn(x, t)
         x_mean = x + score * batch_broadcast(sigma**2 - adjacent_sigma**2, x)
         std = torch.sqrt(adjacent_sigma**2 * (sigma**2 - adjacent_sigma**2) / sigma**2)
-        x = x_mean + batch_broadcast(std, x) * torch.randn_like(x)
+        x = x_mean + batch_broadcast(std, x) * self.noise(x, t)
         return x, x_mean
 
     def vpsde_update_fn(self, x: torch.Tensor, t: torch.Tensor):
@@ -161,7 +209,7 @@ class AncestralSamplingPredictor(Predictor):
         beta = sde.discrete_betas.to(t.device)[timestep]
         score = self.score_fn(x, t)
         x_mean = (x + batch_broadcast(beta, x) * score) / batch_broadcast(torch.sqrt(1.0 - beta), x)
-        x = x_mean + batch_broadcast(torch.sqrt(beta), x) * torch.randn_like(x)
+        x = x_mean + batch_broadcast(torch.sqrt(beta), x) * self.noise(x, t)
         return x, x_mean
 
     def update_fn(self, x, t):
@@ -174,10 +222,11 @@ class AncestralSamplingPredictor(Predictor):
 class NonePredictor(Predictor):
     """A predictor that leaves the state unchanged (corrector-only sampling)."""
 
-    def __init__(self, sde, score_fn, probability_flow=False):
+    def __init__(self, sde, score_fn, probability_flow=False, noise=None):
         self.sde = sde
         self.score_fn = score_fn
         self.probability_flow = probability_flow
+        self.noise = noise
 
     def update_fn(self, x, t):
         return x, x
@@ -397,7 +446,7 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
                      t_end: float, num_steps: int, predictor, corrector, snr: float,
                      n_steps_each: int = 1, probability_flow: bool = False, denoise: bool = False,
                      progress: bool = True, desc: str | None = None, *, eps: float | None = None,
-                     callback: StepCallback | None = None
+                     callback: StepCallback | None = None, noise: NoiseFn | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Run the predictor-corrector loop on state x from t_start down to t_end.
 
@@ -406,13 +455,15 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
     step (Song et al. 2021, Algorithm 1). `predictor` / `corrector` are classes, registered names,
     or None. `callback(x, x_mean, t)` runs after every corrector and every predictor update and
     may return a replacement `(x, x_mean)`: inpainting and colorization impose the known part of
-    the state there (Appendix I.2). Returns the final state (its noise-free mean when
-    `denoise`), the noise-free mean, and the number of score evaluations.
+    the state there (Appendix I.2). `noise` replaces the predictor's N(0, I) draws
+    (`CommonNoise`). Returns the final state (its noise-free mean when `denoise`), the
+    noise-free mean, and the number of score evaluations.
     """
     predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
     corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
     counted = _CountingScore(score_fn)
-    predictor_obj = predictor_cls(sde, counted, probability_flow)
+    predictor_obj = (predictor_cls(sde, counted, probability_flow) if noise is None
+                     else predictor_cls(sde, counted, probability_flow, noise=noise))
     corrector_obj = corrector_cls(sde, counted, snr, n_steps_each)
     timesteps = window_timesteps(sde.N, t_start, t_end, num_steps, sde.T, eps, device=x.device)
     x_mean = x

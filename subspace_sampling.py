@@ -24,6 +24,7 @@ import solvers
 import subspace_lib as sl
 from models import utils as mutils
 from sampling import (
+    NoiseFn,
     denoise_update,
     langevin_steps,
     legacy_window_grid,
@@ -65,6 +66,26 @@ def conditional_langevin(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t
     project = (functools.partial(sl.orthogonal_part, k=remove_halvings) if remove_halvings
                else None)
     return langevin_steps(score_fn, sde, x, t, snr, n_steps, alpha=alpha, project=project)
+
+
+def offset_free_score(score_fn: ScoreFn, sde: sde_lib.SDE, offset: float) -> ScoreFn:
+    """The score of a subspace network as a function of the offset-free coordinates
+    u = D^k x_t of a full-space state: s(u + c_k alpha(t), t) (docs/maths.md, sections 2 and 4).
+
+    A subspace network is trained on scaler(D^k u) and so expects D^k x_t + c_k alpha(t). The
+    samplers integrate u and add the offset at each evaluation, exactly, instead of integrating
+    a state that carries it: the offset grows like alpha(t) (100-fold between t = 1 and 0.3 for
+    sub-VP), and an Euler-Maruyama step integrates that growth only to first order. At N = 100
+    the error reached 9 % of the offset by t = 0.3 and stayed in the images as a colour shift.
+    """
+    if offset == 0:
+        return score_fn
+
+    def shifted(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha = sde.alpha(t).to(u.dtype).reshape((-1,) + (1,) * (u.dim() - 1))
+        return score_fn(u + offset * alpha, t)
+
+    return shifted
 
 
 def _legacy_langevin_score(model: nn.Module) -> ScoreFn:
@@ -109,6 +130,8 @@ def _run_stages(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl.Subspa
     Stage i runs `integrate` with level `stages[i][0]`'s score on its window with `counts[i]`
     steps. Between stages the state is upsampled at `arrival_time(start, end, steps)` of the
     next window (the time the state has reached) and refined by conditional Langevin steps.
+    States are the offset-free coordinates D^k x of the full space (`offset_free_score`), so the
+    prior of the first stage is D^k of the full prior and upsampling adds no offset.
     `legacy_cutoffs` (the reference script's behaviour, see `subspace_pc_sample`): stage i is
     upsampled at the cutoff time `legacy_cutoffs[i]` itself with the reference's data-scaler
     offsets, and its Langevin steps are the legacy ones with alpha = 1.
@@ -117,8 +140,13 @@ def _run_stages(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl.Subspa
         raise ValueError(f"Give {plan.num_levels + 1} networks (full size first, then one per "
                          f"subspace size {list(plan.sizes)}); got {len(networks)}.")
     device = device if device is not None else mutils.default_device()
+    legacy = legacy_cutoffs is not None
     score_fns = [mutils.get_score_fn(sde, net, train=False, continuous=continuous)
                  for net in networks]
+    if not legacy:
+        # States are offset-free subspace coordinates D^k x; the offset goes to the networks.
+        score_fns = [offset_free_score(fn, sde, plan.offset(level, centered))
+                     for level, fn in enumerate(score_fns)]
     batch, channels = shape[0], shape[1]
     reports: list[StageReport] = []
     with torch.no_grad():
@@ -132,18 +160,19 @@ def _run_stages(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl.Subspa
             else:
                 vec_t = torch.full((batch,), arrival_time(start, end, steps), device=device)
                 lower = stages[i - 1][0]
-                legacy = legacy_cutoffs is not None
                 if legacy:
                     # Noise at the cutoff time itself, with the reference's offsets.
                     x = upsample_level(x, sde, legacy_cutoffs[i], plan, lower, centered,
                                        offset=_legacy_offset_factor(sde, plan.size_of(lower)))
                 else:
-                    x = upsample_level(x, sde, vec_t, plan, lower, centered)
+                    x = upsample_level(x, sde, vec_t, plan, lower, centered, offset=0.0)
                 if langevin_steps > 0:
                     removed = plan.relative_halvings(lower) if conditional_langevin_steps \
                         else None
                     if legacy_langevin or legacy:
                         score = _legacy_langevin_score(networks[level])
+                        if not legacy:
+                            score = offset_free_score(score, sde, plan.offset(level, centered))
                         alpha = (torch.ones_like(vec_t)
                                  if legacy or isinstance(sde, sde_lib.subVPSDE) else None)
                     else:
@@ -167,7 +196,8 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
                        continuous: bool = True, denoise: bool = True, langevin_snr: float = 0.22,
                        langevin_steps: int = 2, conditional_langevin_steps: bool = True,
                        legacy_langevin: bool = False, x: torch.Tensor | None = None,
-                       device=None, progress: bool = False, legacy: bool = False
+                       device=None, progress: bool = False, legacy: bool = False,
+                       noise: NoiseFn | None = None
                        ) -> tuple[torch.Tensor, list[StageReport]]:
     """Sample full-size states (data-scaler space) by subspace diffusion (Jing et al. 2022).
 
@@ -178,15 +208,18 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
     `legacy_langevin=True` reproduces the reference code, which gave the Langevin step the raw
     network as its score (label t instead of the SDE's label; sign flipped for VP/sub-VP) and
     used alpha = 1 there for sub-VP. The last stage returns its noise-free mean when `denoise`.
-    `x` optionally replaces the prior sample of the first stage. Returns the samples and one
-    `StageReport` per stage.
+    `x` optionally replaces the prior sample of the first stage (coordinates D^k x_T, without
+    the data-scaler offset, which is added for each network call: `offset_free_score`).
+    Returns the samples and one `StageReport` per stage. `noise` replaces the predictor's
+    N(0, I) draws (`sampling.CommonNoise`: the same increments as a full sampler's, projected).
 
     `legacy=True` reproduces the reference script's sequence of network evaluations (one
     subspace level only, as it had): each window is its own grid
     (`sampling.legacy_window_grid`: int(N (start - end)) steps, both ends included, so the cutoff
     time is evaluated by both windows), the upsampling noise is drawn at the cutoff time itself
     with its sub-VP CIFAR-10 offsets, and the Langevin steps are those of `legacy_langevin` with
-    alpha = 1. The caller passes the reference's eps (1e-5 for every SDE).
+    alpha = 1. The caller passes the reference's eps (1e-5 for every SDE). It also integrates
+    the subspace state with the offset in it, as the reference did.
     """
     legacy_cutoffs = None
     if legacy and len(networks) == plan.num_levels + 1:
@@ -218,7 +251,7 @@ def subspace_pc_sample(networks: Sequence[nn.Module], sde: sde_lib.SDE, plan: sl
                                      snr, n_steps_each=n_steps_each,
                                      probability_flow=probability_flow,
                                      denoise=denoise and last, progress=desc is not None,
-                                     desc=desc, eps=grid_eps)
+                                     desc=desc, eps=grid_eps, noise=noise)
         return x, nfe
 
     return _run_stages(networks, sde, plan, centered, shape, stages, counts, integrate,

@@ -19,6 +19,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
         likelihood_weighting=False,
         continuous=True,
         reduce_mean=False,
+        # Continuous training draws t from U(min_time, T). A subspace model only ever runs
+        # above its cutoff, so it may be trained there alone (the demo's subspace models).
+        min_time=1e-5,
     ))
     config.sampling = ml_collections.ConfigDict(dict(
         n_steps_each=1,

@@ -23,7 +23,8 @@ ADDED_FIELDS = {("data", "root"), ("eval", "bpd_num_images"), ("sampling", "step
                 ("sampling", "schedule"), ("sampling", "split"), ("sampling", "churn"),
                 ("sampling", "eta"),
                 ("model", "memory_format"), ("training", "precision"), ("training", "grad_accum"),
-                ("training", "compile"), ("sampling", "precision"), ("sampling", "compile")}
+                ("training", "compile"), ("training", "min_time"), ("sampling", "precision"),
+                ("sampling", "compile")}
 
 
 def _config_modules() -> list[str]:

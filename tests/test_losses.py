@@ -265,3 +265,30 @@ def test_generator_makes_draws_reproducible():
     loss_fn = losses.get_sde_loss_fn(sde, False)
     assert torch.equal(loss_fn(model, batch, _gen(9)), loss_fn(model, batch, _gen(9)))
     assert not torch.equal(loss_fn(model, batch, _gen(9)), loss_fn(model, batch, _gen(10)))
+
+
+def test_training_times_start_at_min_time():
+    # A subspace model trained only above its cutoff: every drawn t lies in [min_time, T].
+    sde = sde_lib.subVPSDE(0.1, 20, 10)
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, labels):
+            seen.append(sde.label_to_time(labels))
+            return x * self.weight
+
+    model = Recorder()
+    step = losses.get_step_fn(sde, train=False, reduce_mean=True, continuous=True,
+                              min_time=0.25)
+    state = {"model": model, "ema": ExponentialMovingAverage(model.parameters(), 0.999),
+             "step": 0, "optimizer": None}
+    step(state, torch.zeros(256, 1, 2, 2))
+    times = torch.cat(seen)
+    assert float(times.min()) >= 0.25 - 1e-6 and float(times.max()) <= 1.0
+    assert float(times.min()) < 0.3 and float(times.max()) > 0.95
+    with pytest.raises(ValueError, match="set config.training.min_time"):
+        losses.get_step_fn(sde, train=False, continuous=True, min_time=1.5)
