@@ -61,11 +61,11 @@ class CommonNoise:
 
     def _draw(self, key: int, like: torch.Tensor | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
-        z = torch.randn(self.full_shape, generator=generator, dtype=torch.float64)
+        z = torch.randn(self.full_shape, generator=generator)
         return z if like is None else z.to(device=like.device, dtype=like.dtype)
 
     def prior(self, halvings: int = 0) -> torch.Tensor:
-        """D^k z of the shared N(0, I) draw at time T (float64 on the CPU)."""
+        """D^k z of the shared N(0, I) draw at time T (float32 on the CPU)."""
         return sl.downsample(self._draw(0), halvings)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
