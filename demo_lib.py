@@ -834,6 +834,7 @@ def save_quality_cost_figure(curve: dict[str, dict[str, dict]], floor: dict,
                              path: Path) -> Path:
     """Proxy FID (bootstrap 95 % interval as error bars) against wall-clock seconds and against
     full-model-equivalent network evaluations, one line per sampler, points labelled by N."""
+    import matplotlib.ticker
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -858,6 +859,10 @@ def save_quality_cost_figure(curve: dict[str, dict[str, dict]], floor: dict,
                                  "full-model-equivalent network evaluations per batch")):
         ax.axhspan(*floor["proxy_fid_interval"], color="0.85", label="held-out data (95 %)")
         ax.set_xscale("log")
+        # Plain numbers on the log axis (matplotlib's minor labels 2x10^1, 3x10^1 collide).
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("proxy FID (lower is better)")
         ax.grid(True, alpha=0.3)
