@@ -232,6 +232,10 @@ def _read_format_cache(path: Path) -> dict[str, str]:
     return entries if isinstance(entries, dict) else {}
 
 
+# Model fields that leave the network's computation unchanged (not part of the cache key).
+_LAYOUT_NEUTRAL_FIELDS = ("num_scales", "memory_format")
+
+
 def _measured_memory_format(model: nn.Module, config, precision: str) -> torch.memory_format:
     """`measure_memory_format` once per machine for each network configuration, image size,
     precision, device, thread count and torch version. The answer is kept in
@@ -241,7 +245,10 @@ def _measured_memory_format(model: nn.Module, config, precision: str) -> torch.m
     image_size = int(config.data.image_size)
     num_channels = int(config.data.get("num_channels", 3))
     device = next(model.parameters()).device
-    network = hashlib.sha256(repr(sorted(config.model.items())).encode()).hexdigest()[:16]
+    # N only sizes the table of noise levels: a run that samples with another N than it trained
+    # with must keep its layout (and its numbers).
+    fields = sorted((k, v) for k, v in config.model.items() if k not in _LAYOUT_NEUTRAL_FIELDS)
+    network = hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
     key = (f"{config.model.name}/{network}/{image_size}px/{num_channels}ch/{precision}/"
            f"{device}/{torch.get_num_threads()}threads/torch{torch.__version__}/"
            f"{_processor_name()}")
