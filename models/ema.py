@@ -55,9 +55,13 @@ class ExponentialMovingAverage:
         if self.num_updates is not None:
             self.num_updates += 1
             decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
+        if not params:
+            return
         with torch.no_grad():
-            for shadow, param in zip(self.shadow_params, params):
-                shadow.sub_((1.0 - decay) * (shadow - param))
+            # One kernel per list instead of three per tensor; the same values, bit for bit.
+            steps = torch._foreach_sub(self.shadow_params, params)
+            torch._foreach_mul_(steps, 1.0 - decay)
+            torch._foreach_sub_(self.shadow_params, steps)
 
     def copy_to(self, parameters: Iterable[torch.Tensor]) -> None:
         """Overwrite the trainable `parameters` with their moving averages."""

@@ -65,6 +65,28 @@ def test_ema_update_with_update_count_warmup():
     assert torch.allclose(ema.shadow_params[0], torch.full((2, 2), 0.25 * first))
 
 
+def test_ema_update_matches_the_per_tensor_formula_bit_for_bit():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    ema = ExponentialMovingAverage(params, decay=0.999)
+    expected = [p.detach().clone() for p in params]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.update(params)
+        decay = min(0.999, (1 + ema.num_updates) / (10 + ema.num_updates))
+        expected = [e - (1.0 - decay) * (e - p.detach()) for e, p in zip(expected, params)]
+    assert all(torch.equal(s, e) for s, e in zip(ema.shadow_params, expected))
+
+
+def test_ema_of_a_model_without_trainable_parameters_only_counts_updates():
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    ema = ExponentialMovingAverage(frozen.parameters(), decay=0.9)
+    ema.update(frozen.parameters())
+    assert ema.num_updates == 1 and ema.shadow_params == []
+
+
 def test_ema_update_with_fixed_decay():
     module = Tiny()
     _fill(module, 1.0, 0.0)

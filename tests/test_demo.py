@@ -81,6 +81,15 @@ def test_smoke_evaluation_split_at_the_same_n(smoke):
         ideal = (n * costs["32"]["seconds"]
                  / sum(k * costs[s]["seconds"] for s, k in info["nfe"].items()))
         assert info["speedup"]["ideal_measured_cost"] == pytest.approx(ideal)
+        # Each sampler's own calls at the table's N: they add up to the pooled count, and the
+        # own-call ideal is the ratio of the two samplers' network seconds.
+        own, base = info["network_cost"], full["network_cost"]
+        assert {s: c["calls"] for s, c in own.items()} == {
+            s: k * batches for s, k in info["nfe"].items()}
+        network_seconds = {key: sum(c["seconds"] * c["calls"] for c in cost.values())
+                           for key, cost in (("full", base), ("sub", own))}
+        assert info["speedup"]["ideal_own_cost"] == pytest.approx(
+            network_seconds["full"] / network_seconds["sub"])
         pixels = n / sum(k * (int(s) / 32) ** 2 for s, k in info["nfe"].items())
         assert info["speedup"]["ideal_pixel_cost"] == pytest.approx(pixels)
         assert info["speedup"]["ideal_pixel_cost"] > 1
@@ -119,7 +128,7 @@ def test_workdir_models_are_reused_and_settings_guarded(smoke):
     workdir, settings, _ = smoke
     models = demo_lib.obtain_models(settings, workdir, torch.device("cpu"), False, False)
     assert all(info["source"].startswith("reused") for info in models.values())
-    other = dataclasses.replace(settings, lr=settings.lr / 2)
+    other = dataclasses.replace(settings, lr={32: settings.learning_rate(32) / 2})
     with pytest.raises(ValueError, match="trained with other settings"):
         demo_lib.obtain_models(other, workdir, torch.device("cpu"), False, False)
 
