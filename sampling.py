@@ -462,6 +462,8 @@ def pc_sample_window(score_fn: ScoreFn, sde: sde_lib.SDE, x: torch.Tensor, t_sta
     predictor_cls = resolve_update_class(predictor, get_predictor, NonePredictor)
     corrector_cls = resolve_update_class(corrector, get_corrector, NoneCorrector)
     counted = _CountingScore(score_fn)
+    # Without `noise`, a predictor registered with the original (sde, score_fn,
+    # probability_flow) constructor keeps working.
     predictor_obj = (predictor_cls(sde, counted, probability_flow) if noise is None
                      else predictor_cls(sde, counted, probability_flow, noise=noise))
     corrector_obj = corrector_cls(sde, counted, snr, n_steps_each)
