@@ -49,7 +49,7 @@ class NCSNpp(nn.Module):
     the replacement would cancel it. Its gain follows the noise level, from
     about 0 where the data's colour dominates x_t to 1 at pure noise; a small network conditioned
     additively on time learns a gain that barely changes with t instead, and its samples' colours
-    blow up (`python -m analysis.bands` measures this; README, "Demo").
+    blow up (`python -m analysis.bands` measures this; docs/demo.md).
     """
 
     def __init__(self, config):

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.update(sde="subvpsde", continuous=True, reduce_mean=True)
     config.sampling.update(method="pc", predictor="euler_maruyama", corrector="none")
     config.data.update(centered=True)
-    # Off in the originals; see models/ncsnpp.py and the README (demo diagnosis).
+    # Off in the originals; see models/ncsnpp.py and docs/demo.md (the diagnosis).
     config.model.gaussian_dc = True
     config.model.update(
         name="ncsnpp",
