@@ -170,20 +170,23 @@ def _flags_of(script: Path) -> tuple[frozenset[str], frozenset[str], str | None]
                 sources.append(candidate)
     for source in sources:
         for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            if not isinstance(node, ast.Call):
                 continue
+            func = getattr(node.func, "attr", getattr(node.func, "id", ""))
             args = [a.value for a in node.args
                     if isinstance(a, ast.Constant) and isinstance(a.value, str)]
             first = node.args[0] if node.args else None
-            if node.func.attr.startswith("DEFINE") and isinstance(first, ast.Constant) \
+            # absl's flags.DEFINE_*, config_flags.DEFINE_config_file and project wrappers
+            # named like them (cli.define_config_file).
+            if func.lower().startswith("define_") and isinstance(first, ast.Constant) \
                     and isinstance(first.value, str):
                 names.add(first.value)
-                if node.func.attr in ("DEFINE_bool", "DEFINE_boolean"):
+                if func.lower() in ("define_bool", "define_boolean"):
                     booleans.add(first.value)
-                if node.func.attr == "DEFINE_config_file" and source == script \
+                if func.lower().endswith("config_file") and source == script \
                         and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
                     default_config = node.args[1].value
-            elif node.func.attr == "add_argument":
+            elif func == "add_argument":
                 names.update(a[2:] for a in args if a.startswith("--"))
     return frozenset(names), frozenset(booleans), default_config
 
