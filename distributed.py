@@ -143,7 +143,8 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`model` in DistributedDataParallel inside a process group of several ranks, else `model`.
 
     Construction broadcasts rank 0's parameters and buffers, so every rank starts identical;
-    every rank takes rank 0's memory format first ("auto" is timed in each process).
+    every rank takes rank 0's memory format and "auto" precision first ("auto" is timed in each
+    process).
     """
     if get_world_size() == 1:
         return model
@@ -151,6 +152,8 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     channels_last = torch.tensor([model_memory_format(model) is torch.channels_last],
                                  dtype=torch.int64, device=device)
     dist.broadcast(channels_last, src=0)
+    if hasattr(model, "auto_precision"):
+        model.auto_precision = broadcast_from_main(model.auto_precision)
     model = model.to(memory_format=torch.channels_last if channels_last.item()
                      else torch.contiguous_format)
     device_ids = [device.index] if device.type == "cuda" else None

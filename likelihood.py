@@ -61,11 +61,12 @@ def get_likelihood_fn(sde: sde_lib.SDE, inverse_scaler: Callable,
     number of ODE right-hand-side evaluations (one score evaluation and one vector-Jacobian
     product each). An optional `generator` draws the Hutchinson noise.
 
-    The network runs in `precision`, fp32 unless asked: an enclosing reduced-precision block
+    The network runs in `precision`, fp32 unless asked ("auto": as measured for the network,
+    `models.utils.network_precision`): an enclosing reduced-precision block
     (`models.utils.network_options`, e.g. a bf16 sampler) does not reach the likelihood. The ODE
     state and the divergence estimate are float64/data dtype in any case.
     """
-    mutils.check_precision(precision)
+    mutils.check_precision_setting(precision)
     if hutchinson_type not in ("Gaussian", "Rademacher"):
         raise ValueError(f"Unknown Hutchinson noise '{hutchinson_type}': choose 'Gaussian' or "
                          "'Rademacher'.")

@@ -196,7 +196,9 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     step_kwargs = dict(sde=sde, optimize_fn=optimize_fn, reduce_mean=config.training.reduce_mean,
                        continuous=config.training.continuous,
                        likelihood_weighting=config.training.likelihood_weighting,
-                       precision=config.training.get("precision", "fp32"),
+                       # "auto": the precision create_model measured for this network.
+                       precision=mutils.network_precision(
+                           network, config.training.get("precision", "fp32")),
                        compile=config.training.get("compile", False),
                        min_time=config.training.get("min_time", 1e-5))
     train_step_fn = losses.get_step_fn(train=True, grad_accum=config.training.get("grad_accum", 1),

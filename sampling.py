@@ -762,13 +762,15 @@ def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scal
     The ODE sampler reads optional `sampling.rtol`, `sampling.atol` (default 1e-5),
     `sampling.ode_method` (default RK45) and `sampling.ode_solver` (default "torch"); the solvers
     read `sampling.steps`, `sampling.schedule` and their options (`solvers.solver_options`). The
-    network runs in `sampling.precision` (default fp32), compiled when `sampling.compile` is set
+    network runs in `sampling.precision` (default fp32; "auto": as measured for each network,
+    `models.utils.network_precision`), compiled when `sampling.compile` is set
     (`models.utils.network_options`); the sampler's own arithmetic stays in float32. `denoise`
     (default `sampling.noise_removal`) and `score_fn` (PC only: a score function replacing the
     model's) are the subspace-diffusion code's keywords.
     """
     sampler = _get_sampler(config, sde, shape, inverse_scaler, eps, progress, denoise, score_fn)
-    precision = mutils.check_precision(config.sampling.get("precision", "fp32"))
+    precision = mutils.check_precision_setting(config.sampling.get("precision", "fp32"),
+                                               mutils.config_device(config))
     compile_network = config.sampling.get("compile", False)
 
     def sampling_fn(model, *args, **kwargs):

@@ -84,7 +84,8 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
     samples on rank 0 and None on other ranks.
     """
     network_options = dict(
-        precision=mutils.check_precision(config.sampling.get("precision", "fp32")),
+        precision=mutils.check_precision_setting(config.sampling.get("precision", "fp32"),
+                                                 mutils.config_device(config)),
         compile=config.sampling.get("compile", False))
     steps = steps if steps is not None else config.sampling.get("steps")
     if sampler in solvers.SOLVERS:

@@ -91,13 +91,16 @@ def add_performance_fields(config: ml_collections.ConfigDict) -> ml_collections.
     # auto: measured per network on the CPU (models.utils.measure_memory_format), channels-last
     # on CUDA in reduced precision; or contiguous, channels_last.
     config.model.memory_format = "auto"
-    # Network forward/backward in fp32, bf16 or fp16 (autocast; fp16 training scales the loss).
+    # Network forward/backward in fp32, bf16 or fp16 (autocast; fp16 training scales the loss),
+    # or auto: a reduced precision only where the device has it natively and it is measured
+    # faster (docs/precision.md). fp32 by default: reduced precision changes the results.
     config.training.precision = "fp32"
     # Split each batch into this many micro-batches: the same update with less memory.
     config.training.grad_accum = 1
     # torch.compile the network (worth it on GPUs).
     config.training.compile = False
-    # Sampling networks in fp32, bf16 or fp16; likelihoods run in fp32 unless asked.
+    # Sampling networks in fp32, bf16, fp16 or auto (recommended for speed; see above);
+    # likelihoods run in fp32 unless asked.
     config.sampling.precision = "fp32"
     config.sampling.compile = False
     return config

@@ -177,7 +177,7 @@ def test_unknown_precision_is_one_sentence():
         with mutils.network_options(precision="fp8"):
             pass
     assert str(info.value) == ("Unknown precision 'fp8': set config.training.precision or "
-                               "config.sampling.precision to one of fp32, bf16, fp16.")
+                               "config.sampling.precision to one of auto, fp32, bf16, fp16.")
     with pytest.raises(ValueError, match="Unknown precision 'half'"):
         losses.get_step_fn(sde_lib.subVPSDE(), train=False, precision="half")
 

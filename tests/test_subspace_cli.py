@@ -122,7 +122,7 @@ def test_bad_input_is_one_sentence(checkpoints, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: Unknown precision 'fp8': set config.training.precision or "
-        "config.sampling.precision to one of fp32, bf16, fp16.")
+        "config.sampling.precision to one of auto, fp32, bf16, fp16.")
 
 
 def test_inpainting_grid_over_cutoff_times(checkpoints, tmp_path):
