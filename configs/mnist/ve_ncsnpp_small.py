@@ -1,0 +1,11 @@
+"""A small NCSN++ (VE SDE, continuous) for MNIST: `configs/builtin/ve_ncsnpp_small.py` with the
+MNIST data section (one channel, no flips)."""
+import ml_collections
+
+from configs.builtin.ve_ncsnpp_small import get_config as builtin_config
+from configs.mnist.default_mnist_configs import use_mnist
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The built-in NCSN++ config (16 base channels, 3 resolutions) on MNIST."""
+    return use_mnist(builtin_config())
