@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -278,6 +279,93 @@ def _flag_error_sentence(error: Exception) -> str:
     return text if text.endswith(".") else text + "."
 
 
+def _config_flag_file(values, name: str, argv: list[str]) -> str | None:
+    """The file a config flag `--NAME` names on the command line, else its default."""
+    for index, arg in enumerate(argv):
+        for prefix in (f"--{name}=", f"-{name}="):
+            if arg.startswith(prefix):
+                return arg[len(prefix):]
+        if arg in (f"--{name}", f"-{name}") and index + 1 < len(argv):
+            return argv[index + 1]
+    default = getattr(values[name], "default_as_str", None)
+    return default.strip("'\"") if default and default != "None" else None
+
+
+def _unknown_config_field(config, path: str) -> str | None:
+    """Why the dotted field `path` of an override is not in `config` (a ConfigDict), with the
+    nearest field names; None when it is there."""
+    import difflib
+
+    holder, walked = config, []
+    for part in path.split("."):
+        key = part.split("[", 1)[0]
+        where = "config" + "".join(f".{w}" for w in walked)
+        if not hasattr(holder, "keys") or not callable(holder.keys):
+            return (f"{where} is a {type(holder).__name__} value ({holder!r}), not a section, "
+                    f"so it has no field '{key}'.")
+        fields = [str(k) for k in holder.keys()]
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            if close:
+                fixed = ".".join([*walked, close[0], *path.split(".")[len(walked) + 1:]])
+                return f"{where} has no field '{key}': did you mean --config.{fixed}?"
+            return f"{where} has no field '{key}'; its fields are {', '.join(sorted(fields))}."
+        holder, walked = holder[key], [*walked, key]
+    return None
+
+
+def _override_problem(name: str, filename: str | None, argv: Sequence[str]) -> str | None:
+    """The sentence for the first `--NAME.FIELD` override of `argv` that names no field of the
+    config file `filename`; None when every override names a field (or the file is at fault)."""
+    from ml_collections.config_flags import config_flags
+
+    pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
+    overrides = [m.group(1) for m in map(pattern.match, argv) if m]
+    if not overrides or not filename:
+        return None
+    try:
+        config = config_flags.ConfigFileFlagParser(name).parse(filename)
+    except Exception:  # noqa: BLE001 - the config file itself is at fault: absl says why
+        return None
+    for path in overrides:
+        problem = _unknown_config_field(config, path)
+        if problem:
+            return f"--{name}.{path}: {problem}"
+    return None
+
+
+def _config_override_sentence(values, argv: list[str]) -> str | None:
+    """One sentence for the first `--config.FIELD` override of `argv` that names no field of
+    the loaded config (with the nearest spelling); None when no override is at fault."""
+    from ml_collections.config_flags import config_flags
+
+    for name in [n for n in values
+                 if isinstance(values[n].parser, config_flags.ConfigFileFlagParser)]:
+        problem = _override_problem(name, _config_flag_file(values, name, argv), argv)
+        if problem:
+            return problem
+    return None
+
+
+def define_config_file(name: str, default: str | None, help_string: str) -> None:
+    """`config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)` for an
+    entry script. A config flag with a default applies the command line's `--NAME.FIELD`
+    overrides as it is defined; a misspelt field there is one line `error: ...` (with the
+    nearest field name) and exit status 1, as it is in `parse_flags`."""
+    from ml_collections.config_flags import config_flags
+
+    try:
+        config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        argv = sys.argv
+        named = [a for a in argv if a.startswith((f"--{name}=", f"-{name}="))
+                 or a in (f"--{name}", f"-{name}")]
+        sentence = None if named else _override_problem(name, default, argv)
+        if sentence is None:
+            raise
+        fail(sentence)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag value, a
     missing required flag or an unloadable --config file is one line `error: ...`, exit 1."""
@@ -287,7 +375,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = values(argv)
     except flags.Error as error:
-        fail(_flag_error_sentence(error))
+        fail(_config_override_sentence(values, argv) or _flag_error_sentence(error))
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        # ml_collections applies `--config.a.b` overrides while absl parses, and raises these
+        # for a field the config does not have (a misspelling, most often).
+        sentence = _config_override_sentence(values, argv)
+        if sentence is None:
+            raise
+        fail(sentence)
     for name in ("config",):  # config files load lazily; make a load failure a flag error
         if name not in values or not values[name].present:
             continue

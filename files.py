@@ -7,6 +7,7 @@ leaves a half-written output behind. This module imports no model code, so any l
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import tempfile
@@ -45,16 +46,33 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         torch.save(obj, handle)
 
 
+class _PlainWriter:
+    """A file seen only through `write`: numpy then writes an array in chunks through it
+    (a failed write is an OSError with its errno, e.g. ENOSPC), instead of `ndarray.tofile`,
+    whose failure on a full disk is a bare 'problem writing element N to file'."""
+
+    def __init__(self, handle):
+        self.write = handle.write
+
+
 def atomic_numpy_save(path: str | os.PathLike, **arrays) -> None:
-    """Save arrays atomically: one array as `.npy` when the name ends so, else an `.npz`."""
+    """Save arrays atomically: one array as `.npy` when the name ends so, else an `.npz`.
+
+    A failed write (a full disk) is one OSError with its errno and nothing else: the `.npz`
+    archive is built in memory and written in one piece, so no half-written zip archive is
+    left to complain when it is garbage-collected."""
     path = Path(path)
+    if path.suffix == ".npy" and len(arrays) != 1:
+        raise ValueError(f"A .npy file holds one array; got {len(arrays)} for {path}.")
     with atomic_write(path, "wb") as handle:
         if path.suffix == ".npy":
-            if len(arrays) != 1:
-                raise ValueError(f"A .npy file holds one array; got {len(arrays)} for {path}.")
-            np.save(handle, next(iter(arrays.values())))
+            np.lib.format.write_array(_PlainWriter(handle),
+                                      np.asanyarray(next(iter(arrays.values()))),
+                                      allow_pickle=True)
         else:
-            np.savez_compressed(handle, **arrays)
+            archive = io.BytesIO()
+            np.savez_compressed(archive, **arrays)
+            handle.write(archive.getbuffer())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -53,8 +53,14 @@ def _run(argv) -> None:
 
 
 def _check_flags(config) -> dict | None:
-    """Check the flags before anything is built; the parsed eval_subspace arguments (or None)."""
+    """Check the flags and the config before anything is built; the parsed eval_subspace
+    arguments (or None)."""
+    from run_lib import check_config
+
     cli.check_range(FLAGS.dist_timeout_minutes, "--dist_timeout_minutes", low=0, low_open=True)
+    if FLAGS.mode == "train":
+        config.training.snapshot_sampling = FLAGS.snapshot_sampling
+    check_config(config, FLAGS.mode)
     if not FLAGS.eval_folder.strip():
         raise UsageError("--eval_folder is empty: give a folder name (inside --workdir).")
     cli.check_writable(FLAGS.workdir, "--workdir")

@@ -24,7 +24,7 @@ from files import atomic_numpy_save, atomic_write_text, remove_stale_temporaries
 from models import utils as mutils
 from models.checkpoints import restore_checkpoint, save_checkpoint
 from models.ema import ExponentialMovingAverage
-from sample_rounds import Round, RoundSampler
+from sample_rounds import Round, RoundSampler, check_finite, check_space
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,40 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _check_at_least(config, field: str, low: int, what: str) -> None:
+    """Refuse `config.<field>` (a dotted path) below `low`, naming the field."""
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"config.{field} must be an integer of at least {low} ({what}); got "
+                         f"{value!r}.")
+
+
+def check_config(config, mode: str) -> None:
+    """Refuse config values that would crash a run part-way (a zero frequency) or make it
+    silently do nothing (a negative step count), naming the field: `main.py` calls it before
+    anything is built, and `train`, `evaluate` and `evaluate_subspace` call it first.
+    `mode` is "train", "eval" or "eval_subspace"."""
+    if mode == "train":
+        _check_at_least(config, "training.batch_size", 1, "images per training step")
+        _check_at_least(config, "training.n_iters", 1, "the last training step")
+        for field in ("log_freq", "eval_freq", "snapshot_freq", "snapshot_freq_for_preemption"):
+            if field in config.training:
+                _check_at_least(config, f"training.{field}", 1, "a number of steps")
+        if config.training.get("snapshot_sampling"):
+            sampling.check_sampling_config(config)
+        return
+    _check_at_least(config, "eval.batch_size", 1, "images per evaluation batch")
+    if mode == "eval" and config.eval.begin_ckpt > config.eval.end_ckpt:
+        raise ValueError(f"config.eval.begin_ckpt {config.eval.begin_ckpt} is after "
+                         f"config.eval.end_ckpt {config.eval.end_ckpt}: there is nothing to "
+                         "evaluate; set them to the first and last checkpoint numbers.")
+    if config.eval.enable_sampling:
+        _check_at_least(config, "eval.num_samples", 1, "samples per checkpoint")
+        sampling.check_sampling_config(config)
 
 
 def resolve_device(config) -> torch.device:
@@ -140,6 +174,7 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     """
     from tqdm.auto import tqdm
 
+    check_config(config, "train")  # before any folder or network
     device = resolve_device(config)
     rank, world = distributed.shard()
     main = rank == 0
@@ -283,10 +318,18 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         if not any(s in str(error) for s in ("unexpected pos", "file write failed", "No space")):
             raise
         reason, cause = "the disk is full", error
+    # Say what is safe only when there is something: a first checkpoint has no predecessor.
+    workdir = path.parent.parent
+    earlier = [p for p in (resume_checkpoint_path(workdir),
+                           *reversed(_snapshot_files(_paths(workdir)["checkpoints"])))
+               if p.is_file()]
+    kept = (f"the last complete checkpoint is intact ({earlier[0]}), so free space (or fix the "
+            "folder) and run again to resume" if earlier else
+            "no complete checkpoint had been written yet, so free space (or fix the folder) "
+            "and run again to train from the start")
     raise ReportableError(
-        f"Cannot write checkpoint {path} at step {int(state['step'])}: {reason}; the last "
-        "complete checkpoint is intact, so free space (or fix the folder) and run again to "
-        "resume.") from cause
+        f"Cannot write checkpoint {path} at step {int(state['step'])}: {reason}; "
+        f"{kept}.") from cause
 
 
 def round_seed(seed: int, ckpt: int, round_index: int) -> int:
@@ -405,6 +448,12 @@ def _checkpoint_path(workdir: Path, ckpt: int) -> Path:
     return path
 
 
+def _image_shape(config) -> tuple[int, int, int]:
+    """(H, W, C) of the config's samples."""
+    size = int(config.data.image_size)
+    return size, size, int(config.data.num_channels)
+
+
 def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
                    settings: dict | None = None, output: Path | None = None) -> np.ndarray | None:
     """Draw config.eval.num_samples samples in rounds of eval.batch_size into
@@ -417,10 +466,17 @@ def _sample_rounds(sampling_fn, model, config, ckpt: int, sample_dir: Path,
     record = {"config": sample_settings.config_digest(config), "ckpt": ckpt,
               "seed": config.seed, "batch": batch, **(settings or {})}
     rounds = RoundSampler(sample_dir, config.eval.num_samples, batch,
-                          lambda r: round_seed(config.seed, ckpt, r), record, output=output)
+                          lambda r: round_seed(config.seed, ckpt, r), record, output=output,
+                          image_shape=_image_shape(config), count_name="config.eval.num_samples")
+    # The checkpoint files behind the samples, for a round that comes out non-finite.
+    entries = [v for v in record.values() if isinstance(v, dict)] + [
+        e for v in record.values() if isinstance(v, list) for e in v if isinstance(e, dict)]
+    source = "from " + ", ".join(str(e["path"]) for e in entries if "path" in e) \
+        if any("path" in e for e in entries) else f"from checkpoint {ckpt}"
 
     def draw(r: int, size: int) -> Round:
         samples, nfe = sampling_fn(model)  # a full batch: the sampler's shape is fixed
+        check_finite(samples, r, source)
         return Round(evaluation.to_uint8_nhwc(samples), note=f"checkpoint {ckpt}, {nfe} "
                      "evaluations")
 
@@ -444,6 +500,7 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     """
     import likelihood
 
+    check_config(config, "eval")  # before any folder or network
     device = resolve_device(config)
     rank, world = distributed.shard()
     main = rank == 0
@@ -452,6 +509,9 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     eval_dir = workdir / eval_folder
     for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
         _checkpoint_path(workdir, ckpt)  # every checkpoint exists before any work is done
+        if config.eval.enable_sampling and main:  # and its samples fit on disk and in memory
+            check_space(eval_dir / f"ckpt_{ckpt}", config.eval.num_samples, _image_shape(config),
+                        count_name="config.eval.num_samples")
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     state = create_train_state(config, device)
@@ -531,6 +591,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     import subspace_lib as sl
     from models.subspace_model import load_subspace_model
 
+    check_config(config, "eval_subspace")  # before any folder or network
     device = resolve_device(config)
     rank, world = distributed.shard()
     main = rank == 0
@@ -539,6 +600,9 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     save_name = save_name or "subspace_" + "_".join(
         f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
     set_seed(config.seed)
+    if config.eval.enable_sampling and main:  # the samples fit on disk and in memory
+        check_space(eval_dir / save_name, config.eval.num_samples, _image_shape(config),
+                    eval_dir / f"{save_name}.npy", count_name="config.eval.num_samples")
     config.device = device
     model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
                                 dataset=sl.stats_name_from_flag(dataset, config))

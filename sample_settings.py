@@ -85,21 +85,37 @@ def settings_problem(samples: str | os.PathLike, settings: Mapping[str, Any],
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         return f"The settings record {path} is unreadable: {hint}."
-    wanted = _plain(dict(settings))
-    differing = sorted(k for k in set(recorded) | set(wanted)
-                       if recorded.get(k) != wanted.get(k))
+    before, now = _leaves(recorded), _leaves(_plain(dict(settings)))
+    differing = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if not differing:
         return None
-    shown = "; ".join(f"{k} was {_short(recorded.get(k))}, now {_short(wanted.get(k))}"
-                      for k in differing[:3])
-    more = f" (+{len(differing) - 3} more)" if len(differing) > 3 else ""
+    # Each differing value in full (a checkpoint's sha256 included), never cut short.
+    shown = "; ".join(f"{k} was {_text(before.get(k, _ABSENT))}, now {_text(now.get(k, _ABSENT))}"
+                      for k in differing[:_SHOWN])
+    more = f" (+{len(differing) - _SHOWN} more)" if len(differing) > _SHOWN else ""
     return (f"{samples} was made with other settings ({shown}{more}); resuming would mix two "
             f"experiments in one file: {hint}.")
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 80 else text[:77] + "..."
+# How many differing entries a refusal names, and how an entry missing on one side reads.
+_SHOWN = 4
+_ABSENT = object()
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested record as {dotted key: leaf value} (lists are leaves)."""
+    if not isinstance(value, Mapping):
+        return {prefix: value}
+    if not value and prefix:
+        return {prefix: value}
+    leaves: dict[str, Any] = {}
+    for key, item in value.items():
+        leaves.update(_leaves(item, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
+
+
+def _text(value: Any) -> str:
+    return "absent" if value is _ABSENT else json.dumps(value, sort_keys=True)
 
 
 def check_settings(samples: str | os.PathLike, settings: Mapping[str, Any], exists: bool) -> None:

@@ -752,6 +752,51 @@ def get_solver_sampler(name: str, sde: sde_lib.SDE, shape: Sequence[int], invers
     return solver_sampler
 
 
+# Every value of `config.sampling.method` (and of subspace_sample.py's --sampler).
+SAMPLERS = ("pc", "ode", *solvers.SOLVERS)
+
+
+def check_sampling_config(config, method: str | None = None, steps: int | None = None,
+                          steps_field: str = "config.sampling.steps") -> None:
+    """Refuse sampling settings that would fail part-way or be silently ignored, naming the
+    field, before any network is built: an unknown method, schedule, predictor or corrector,
+    solver options out of range (`solvers.solver_options`), and a step count given to a sampler
+    that does not take one (PC takes N = config.model.num_scales steps; 'ode' adapts its own).
+
+    `method` defaults to `config.sampling.method`, `steps` to `config.sampling.steps`;
+    `steps_field` names the setting that gave the steps (e.g. a command-line flag).
+    """
+    sampling_config = config.sampling
+    name = str(method if method is not None else sampling_config.method).lower()
+    steps = steps if steps is not None else sampling_config.get("steps")
+    if name not in SAMPLERS:
+        raise ValueError(f"config.sampling.method '{name}' is unknown: choose one of "
+                         f"{', '.join(SAMPLERS)}.")
+    if name in solvers.SOLVERS:
+        solvers.full_steps(name, steps, bool(sampling_config.noise_removal))
+        solvers.check_schedule_setting(sampling_config.get("schedule"))
+        solvers.solver_options(name, sampling_config)
+        return
+    if steps is not None:
+        how = (f"takes N = config.model.num_scales steps ({config.model.num_scales}): set "
+               f"--config.model.num_scales {steps} instead" if name == "pc" else
+               "(adaptive RK45) chooses its own steps: leave the step count unset")
+        raise ValueError(f"{steps_field} {steps} sets the steps of the few-step solvers "
+                         f"({', '.join(solvers.SOLVERS)}); the {name} sampler {how}.")
+    if name == "pc":
+        for field, lookup in (("predictor", get_predictor), ("corrector", get_corrector)):
+            try:
+                lookup(str(sampling_config[field]).lower())
+            except ValueError as error:
+                raise ValueError(f"config.sampling.{field}: {error}") from None
+        if not float(sampling_config.snr) > 0:
+            raise ValueError(f"config.sampling.snr must be greater than 0; got "
+                             f"{sampling_config.snr}.")
+        if int(sampling_config.n_steps_each) < 0:
+            raise ValueError(f"config.sampling.n_steps_each must be at least 0; got "
+                             f"{sampling_config.n_steps_each}.")
+
+
 def get_sampling_fn(config, sde: sde_lib.SDE, shape: Sequence[int], inverse_scaler,
                     eps: float, progress: bool = True, denoise: bool | None = None,
                     score_fn: ScoreFn | None = None) -> Callable:

@@ -332,18 +332,41 @@ def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, int]]:
     return SOLVERS[name]
 
 
+def check_schedule_setting(schedule) -> None:
+    """Refuse a `config.sampling.schedule` that names no time schedule (None: the solver's)."""
+    if schedule is not None and str(schedule).lower() not in SCHEDULES:
+        raise ValueError(f"config.sampling.schedule '{schedule}' is unknown: choose one of "
+                         f"{', '.join(SCHEDULES)} (or leave it unset for the solver's default).")
+
+
 def solver_options(name: str, sampling_config) -> dict:
     """Keyword options of solver `name` read from a config's `sampling` section (`rho`, the
-    churn settings of heun, `eta` of ddim), leaving the defaults where a field is absent."""
+    churn settings of heun, `eta` of ddim), leaving the defaults where a field is absent.
+    A value the solver would silently clip or ignore (a negative churn or eta, rho <= 0) is
+    refused with the field's name."""
     get = sampling_config.get
-    options = {"rho": float(get("rho", 7.0))}
+
+    def value(field: str, default: float, low: float, open_low: bool = False,
+              meaning: str = "") -> float:
+        number = float(get(field, default))
+        if math.isnan(number) or number < low or (open_low and number == low):
+            relation = "greater than" if open_low else "at least"
+            raise ValueError(f"config.sampling.{field}{meaning} must be {relation} {low:g}; got "
+                             f"{get(field, default)}.")
+        return number
+
+    options = {"rho": value("rho", 7.0, 0.0, open_low=True)}
     if name == "heun":
-        options.update(churn=float(get("churn", 0.0)),
-                       churn_tmin=float(get("churn_tmin", 0.0)),
-                       churn_tmax=float(get("churn_tmax", math.inf)),
-                       churn_noise=float(get("churn_noise", 1.0)))
+        options.update(churn=value("churn", 0.0, 0.0, meaning=" (S_churn; 0 turns it off)"),
+                       churn_tmin=value("churn_tmin", 0.0, 0.0),
+                       churn_tmax=value("churn_tmax", math.inf, 0.0),
+                       churn_noise=value("churn_noise", 1.0, 0.0))
+        if options["churn_tmin"] > options["churn_tmax"]:
+            raise ValueError(f"config.sampling.churn_tmin {options['churn_tmin']:g} is above "
+                             f"config.sampling.churn_tmax {options['churn_tmax']:g}: churn "
+                             "would never apply.")
     elif name == "ddim":
-        options["eta"] = float(get("eta", 0.0))
+        options["eta"] = value("eta", 0.0, 0.0, meaning=" (0 deterministic, 1 ancestral)")
     return options
 
 

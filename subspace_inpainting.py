@@ -12,15 +12,14 @@ happens in `subspace_run.inpaint`; this script defines and checks the flags.
 from __future__ import annotations
 
 from absl import flags
-from ml_collections.config_flags import config_flags
 
 import cli
 from cli import UsageError, run_entry_point
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
+cli.define_config_file(
     "config", "configs/ve/church_ncsnpp_continuous.py", "Configuration of the full model "
-    "(subspace models use it with data.image_size set to their size).", lock_config=True)
+    "(subspace models use it with data.image_size set to their size).")
 flags.DEFINE_string("subspace", "64", "Subspace size(s), e.g. 64 or 64,32.")
 flags.DEFINE_string("time", None, "Cutoff time(s): with one subspace size, one grid column per "
                     "value (default 0,0.2,0.4,0.6,0.8,1); with several, one cutoff per size.")

@@ -20,6 +20,7 @@ import datasets
 import distributed
 import evaluation
 import sample_settings
+import sampling
 import sde_lib
 import solvers
 import subspace_lib as sl
@@ -27,7 +28,7 @@ from files import save_image_grid
 from models import utils as mutils
 from models.checkpoints import load_model_weights
 from models.subspace_model import SubspaceScore, subspace_configs
-from sample_rounds import Round, RoundSampler
+from sample_rounds import Round, RoundSampler, check_finite
 from subspace_sampling import (
     StageReport,
     check_split,
@@ -88,8 +89,8 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
                                                  mutils.config_device(config)),
         compile=config.sampling.get("compile", False))
     steps = steps if steps is not None else config.sampling.get("steps")
-    if sampler in solvers.SOLVERS:
-        solvers.full_steps(sampler, steps, config.sampling.noise_removal)  # checks steps
+    # Steps, schedule and solver options, before the settings file or any network.
+    sampling.check_sampling_config(config, method=sampler, steps=steps)
     dataset = sl.stats_name_from_flag(dataset, config)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, sizes, cutoffs, dataset)
     sde, default_eps = sde_lib.get_sde(config)
@@ -114,7 +115,7 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
     size, channels = config.data.image_size, config.data.num_channels
     rounds = RoundSampler(folder, number_samples, batch, lambda r: seed + r, settings,
                           output=folder.with_name(f"{save_name}.npy"),
-                          image_shape=(size, size, channels))
+                          image_shape=(size, size, channels), count_name="--number_samples")
     networks = load_networks(config, plan, ckpt_full, ckpt_subspace)
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     logger.info("Plan %s.", plan.describe())
@@ -137,6 +138,8 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
                          schedule=config.sampling.get("schedule"),
                          split=config.sampling.get("split"), **options)
 
+    source = "from " + ", ".join(map(str, [ckpt_full, *ckpt_subspace]))
+
     def draw(r: int, count: int) -> Round:
         # The last round draws only the samples still missing.
         kwargs = dict(sample_fn)
@@ -144,6 +147,7 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
         with mutils.network_options(**network_options):
             x, reports = function(networks, sde, plan, config.data.centered,
                                   (count, channels, size, size), eps=eps, **kwargs, **common)
+        check_finite(x, r, source)
         return Round(evaluation.to_uint8_nhwc(inverse_scaler(x).cpu()), info=reports)
 
     result = rounds.run(draw)

@@ -16,15 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from absl import flags
-from ml_collections.config_flags import config_flags
 
 import cli
 from cli import UsageError, run_entry_point
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
+cli.define_config_file(
     "config", "configs/ve/cifar10_ncsnpp_continuous.py", "Configuration of the full model "
-    "(subspace models use it with data.image_size set to their size).", lock_config=True)
+    "(subspace models use it with data.image_size set to their size).")
 flags.DEFINE_string("eval_folder", None, "Folder for the samples.")
 flags.DEFINE_string("save_name", None, "Samples are saved as EVAL_FOLDER/SAVE_NAME.npy.")
 flags.DEFINE_integer("number_samples", 50000, "Number of samples.")
@@ -82,9 +81,13 @@ def check_flags(full_size: int) -> tuple[tuple[int, ...], tuple[float, ...], lis
 
 def run(config) -> None:
     """Sample by subspace diffusion as the flags say (`subspace_run.sample`)."""
+    import sampling
     import subspace_run
 
     sizes, times, ckpts = check_flags(config.data.image_size)
+    # --steps and the config's sampler settings, before the settings file or any network.
+    sampling.check_sampling_config(config, method=FLAGS.sampler, steps=FLAGS.steps,
+                                   steps_field="--steps")
     subspace_run.sample(
         config, sizes, times, FLAGS.ckpt_full, ckpts, FLAGS.eval_folder, FLAGS.save_name,
         FLAGS.number_samples, FLAGS.batch, dataset=FLAGS.dataset, sampler=FLAGS.sampler,

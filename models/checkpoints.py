@@ -194,6 +194,28 @@ def _check_ema_state(ema: ExponentialMovingAverage, ema_state: Any, source: str)
         raise StateDictMismatchError(f"{source}: {message[:1].lower()}{message[1:]}") from exc
 
 
+def check_finite_weights(loaded: Mapping[str, Any], source: str) -> None:
+    """Refuse weights holding NaN or infinite values (a diverged run's checkpoint) before they
+    are used: `loaded` is a state dict, or a training checkpoint whose `model` state dict and
+    EMA averages are checked. The sentence names `source` (the file) and the first bad entry."""
+    entries: list[tuple[str, Any]] = []
+    if isinstance(loaded.get("model"), Mapping):
+        entries += [(f"model {k}", v) for k, v in loaded["model"].items()]
+        ema = loaded.get("ema")
+        if isinstance(ema, Mapping):
+            entries += [(f"ema average {i}", v)
+                        for i, v in enumerate(ema.get("shadow_params", []) or [])]
+    else:
+        entries += list(loaded.items())
+    bad = [name for name, value in entries
+           if isinstance(value, torch.Tensor) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(
+            f"{source} holds NaN or infinite weights ({_name_some(bad)}), e.g. from a diverged "
+            "training run, so it cannot be used: give an earlier checkpoint.")
+
+
 def restore_checkpoint(ckpt_path: str | os.PathLike, state: dict, device: torch.device | str,
                        missing_ok: bool = False) -> dict:
     """Load a checkpoint into `state`: its `model`, and `ema`, `optimizer`, `step` when present.
@@ -223,6 +245,7 @@ def restore_checkpoint(ckpt_path: str | os.PathLike, state: dict, device: torch.
     model = unwrap_model(state["model"])
     source = f"Checkpoint {path}"
     check_state_dict(model, loaded["model"], source)
+    check_finite_weights(loaded, source)
     ema = state.get("ema")
     if ema is not None:
         _check_ema_state(ema, loaded["ema"], source)
@@ -265,6 +288,8 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | os.PathLike | M
             raise _missing_file_error(path)
         loaded, source = _read_checkpoint(path, device), f"Checkpoint {path}"
 
+    if isinstance(loaded, Mapping):
+        check_finite_weights(loaded, source)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         check_state_dict(target, loaded["model"], source)
         if use_ema:

@@ -18,15 +18,20 @@ NOT_CKPT = "notes.txt is not a PyTorch checkpoint"
 CKPT = {size: f"assets/checkpoints/builtin/subvp_ddpmpp_small_{size}.pth" for size in (32, 16, 8)}
 
 
-def _tracked_state() -> str:
-    """Digest of the tracked files' contents (what `git status` would show as modified)."""
+def _tracked_state() -> dict[str, str]:
+    """Digest of each tracked file's content (what `git status` would show as modified)."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
                             check=True).stdout.split(b"\0")
-    digest = hashlib.sha256()
+    state = {}
     for name in filter(None, listed):
         path = ROOT / name.decode()
-        digest.update(name + (path.read_bytes() if path.is_file() else b"<missing>"))
-    return digest.hexdigest()
+        state[name.decode()] = (hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file()
+                                else "<missing>")
+    return state
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
 
 
 def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
@@ -55,6 +60,10 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
                   "--out", f"{out}/d.json", "--noprogress"]
     stats = ["--config", CONFIG, "--features", "proxy", "--out", f"{out}/s.npz", "--noprogress"]
     demo = ["--workdir", out, "--no_progress"]
+    nan_ckpt = _changed_weights(tmp / "nan.pth", lambda w: w.view(-1)[:1].fill_(float("nan")))
+    train = [*main, "--mode", "train"]
+    typo = ["--config.sampling.shedule", "edm"]
+    suggestion = "did you mean --config.sampling.schedule?"
     return [
         # subspace_sample.py
         ("subspace_sample.py", [*sample, "--langevin_snr", "-1"], "--langevin_snr"),
@@ -78,7 +87,7 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("subspace_sample.py", [*sample, "--eval_folder", inside_file], "--eval_folder"),
         ("subspace_sample.py", [*sample, "--eval_folder", "/proc/samples"], "--eval_folder"),
         ("subspace_sample.py", [*sample, "--save_name", "a/b"], "--save_name"),
-        ("subspace_sample.py", [*sample, "--dataset", "mnist"], "analysis.rmsd"),
+        ("subspace_sample.py", [*sample, "--dataset", "nosuchdata"], "analysis.rmsd"),
         ("subspace_sample.py", [*sample, "--config", "nowhere.py"], "--config nowhere.py"),
         ("subspace_sample.py", [*sample, "--bogus", "1"], "bogus"),
         ("subspace_sample.py", sample[:-6], "--save_name"),
@@ -137,7 +146,72 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("demo.py", [*demo, "--mode", "quick", "--export_assets"], "--export_assets"),
         ("demo.py", [*demo, "--mode", "bogus"], "--mode"),
         ("demo.py", ["--workdir", "/proc/demo", "--no_progress"], "--workdir"),
+        # A misspelt config override, in every entry script that takes --config (with and
+        # without --config on the command line: a default config applies overrides earlier).
+        ("main.py", [*train, *typo], suggestion),
+        ("subspace_sample.py", [*sample, *typo], suggestion),
+        ("subspace_sample.py", [a for a in sample if a not in ("--config", CONFIG)] + typo,
+         suggestion),
+        ("subspace_inpainting.py", [*inpaint, *typo], suggestion),
+        ("subspace_inpainting.py", [a for a in inpaint if a not in ("--config", CONFIG)] + typo,
+         suggestion),
+        ("analysis.rmsd", [*rmsd, *typo], suggestion),
+        ("analysis.divergence", [*divergence, *typo], suggestion),
+        ("analysis.bands", ["--config", CONFIG, "--checkpoint", CKPT[32], *typo], suggestion),
+        ("compute_dataset_stats.py", [*stats, *typo], suggestion),
+        ("main.py", [*train, "--config.sampling.schedule.x", "1"],
+         "config.sampling.schedule is a NoneType value"),
+        # Zero frequencies and a negative step count: refused before any folder is made.
+        *[("main.py", [*train, f"--config.training.{field}", "0"], f"config.training.{field}")
+          for field in ("snapshot_freq", "log_freq", "snapshot_freq_for_preemption",
+                        "eval_freq")],
+        ("main.py", [*train, "--config.training.n_iters", "-3"], "config.training.n_iters"),
+        ("main.py", [*main, "--mode", "eval", "--config.eval.batch_size", "0"],
+         "config.eval.batch_size"),
+        ("main.py", [*main, "--mode", "eval", "--config.eval.begin_ckpt", "3",
+                     "--config.eval.end_ckpt", "2"], "config.eval.begin_ckpt 3"),
+        ("main.py", [*subspace, "--config.eval.enable_sampling", "--config.eval.batch_size",
+                     "0"], "config.eval.batch_size"),
+        ("main.py", [*main, "--mode", "eval", "--config.eval.enable_sampling",
+                     "--config.sampling.method", "heun", "--config.sampling.schedule", "bogus"],
+         "config.sampling.schedule 'bogus'"),
+        ("main.py", [*main, "--mode", "eval", "--config.eval.enable_sampling",
+                     "--config.sampling.steps", "5"], "config.sampling.steps 5"),
+        ("main.py", [*subspace, "--config.eval.enable_sampling", "--config.eval.num_samples",
+                     "1000000000000"], "would need"),
+        # Settings a sampler would silently ignore or clip, caught before the settings file.
+        ("subspace_sample.py", [*sample, "--sampler", "heun", "--config.sampling.churn", "-1"],
+         "config.sampling.churn"),
+        ("subspace_sample.py", [*sample, "--sampler", "ddim", "--config.sampling.eta", "-1"],
+         "config.sampling.eta"),
+        ("subspace_sample.py", [*sample, "--sampler", "pc", "--steps", "5"],
+         "--config.model.num_scales 5"),
+        ("subspace_sample.py", [*sample, "--sampler", "ode", "--steps", "5"], "--steps 5"),
+        ("subspace_sample.py", [*sample, "--sampler", "heun", "--config.sampling.schedule",
+                                "bogus"], "config.sampling.schedule 'bogus'"),
+        ("subspace_sample.py", [*sample, "--config.sampling.predictor", "bogus"],
+         "config.sampling.predictor"),
+        # Absurd sample counts: one sentence with the disk space they would need.
+        ("subspace_sample.py", [*sample, "--number_samples", "1000000000000", "--batch", "4"],
+         "would need 6.1 PB on disk"),
+        # A checkpoint with a NaN weight: refused before any sampling, naming the file.
+        ("subspace_sample.py", [*sample, "--ckpt_full", str(nan_ckpt)],
+         f"{nan_ckpt} holds NaN or infinite weights"),
+        ("main.py", [*subspace, "--ckpt_full", str(nan_ckpt)],
+         f"{nan_ckpt} holds NaN or infinite weights"),
     ]
+
+
+def _changed_weights(path: Path, change, last: bool = False, source: str = CKPT[32]) -> Path:
+    """A copy of the checkpoint `source` whose first (or `last`: the output layer's) weight
+    tensor `change` edits in place."""
+    import torch
+
+    weights = torch.load(ROOT / source, weights_only=True)
+    names = [k for k, v in weights.items() if v.is_floating_point() and v.dim() > 1]
+    change(weights[names[-1] if last else names[0]])
+    torch.save(weights, path)
+    return path
 
 
 def _files_under(folder: Path) -> list[str]:
@@ -168,9 +242,71 @@ def test_bad_input_to_every_entry_script(tmp_path):
     assert _files_under(tmp_path / "out") == []
     assert _files_under(tmp_path / "textrun") == ["checkpoints-meta",
                                                   "checkpoints-meta/checkpoint.pth"]
-    assert _tracked_state() == before
+    assert not _changed(before, _tracked_state())
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
                           text=True).stdout == untracked_before
+
+
+def _run_driver(cases: list[tuple[str, list[str]]]) -> list[dict]:
+    driver = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "entry_cases.py")], cwd=ROOT,
+        input=json.dumps([{"target": t, "args": a} for t, a in cases]),
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    return json.loads(driver.stdout)
+
+
+def _one_error_line(result: dict, started: bool = False) -> str:
+    """The single `error:` line of a case that failed as it should (status 1, no traceback).
+    A run that `started` may have logged progress before it; the error line ends stderr."""
+    lines = result["stderr"].strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result["status"] == 1 and len(errors) == 1 and lines[-1] == errors[0], result
+    assert started or len(lines) == 1, result
+    assert "Traceback" not in result["stderr"] and "Exception ignored" not in result["stderr"]
+    return errors[0]
+
+
+def test_misspelt_field_of_every_config_section_is_one_line_with_the_suggestion(tmp_path):
+    from ml_collections import ConfigDict
+
+    from configs.builtin.subvp_ddpmpp_small import get_config
+
+    config = get_config()
+    # The first field of every section (data, model, training, sampling, eval, optim, ...)
+    # and a top-level field, each with its last letter doubled.
+    fields = [f"{name}.{next(iter(value.keys()))}" for name, value in config.items()
+              if isinstance(value, ConfigDict)] + ["seed"]
+    sections = {f.split(".")[0] for f in fields}
+    assert {"data", "model", "training", "sampling", "eval", "optim", "seed"} <= sections
+    args = ["--config", CONFIG, "--workdir", str(tmp_path / "out"), "--mode", "train"]
+    cases = [("main.py", [*args, f"--config.{field}{field[-1]}", "1"]) for field in fields]
+    for field, result in zip(fields, _run_driver(cases)):
+        line = _one_error_line(result)
+        assert f"did you mean --config.{field}?" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_weights_are_refused_and_non_finite_samples_stop_the_run(tmp_path):
+    out = tmp_path / "out"
+    nan_ckpt = _changed_weights(tmp_path / "nan.pth",
+                                lambda w: w.view(-1)[:1].fill_(float("inf")))
+    # Finite weights whose output overflows: the samples come out NaN / infinite.
+    huge_ckpt = _changed_weights(tmp_path / "huge.pth", lambda w: w.mul_(1e38), last=True)
+    args = ["--config", CONFIG, "--ckpt_subspace", CKPT[16], "--subspace", "16", "--time",
+            "0.5", "--eval_folder", str(out), "--number_samples", "4", "--batch", "2",
+            "--sampler", "ddim", "--steps", "2", "--progress=false"]
+    nan, huge = _run_driver([
+        ("subspace_sample.py", [*args, "--ckpt_full", str(nan_ckpt), "--save_name", "a"]),
+        ("subspace_sample.py", [*args, "--ckpt_full", str(huge_ckpt), "--save_name", "b"])])
+    line = _one_error_line(nan)
+    assert f"{nan_ckpt} holds NaN or infinite weights" in line
+    line = _one_error_line(huge, started=True)
+    assert "Sampling round 0 came out with NaN or infinite values" in line
+    assert str(huge_ckpt) in line and "nothing of this round was saved or scored" in line
+    # The NaN weights were refused before any sampling: not even a settings record for "a".
+    # The non-finite round was not saved as if it were fine: no round file, no sample file.
+    assert _files_under(out) == ["b.settings.json"]
 
 
 @pytest.mark.parametrize("exc, expected", [

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sample_settings
-from sample_rounds import Round, RoundSampler, round_sizes
+from errors import ReportableError
+from sample_rounds import Round, RoundSampler, check_space, round_size, round_sizes
 
 SETTINGS = {"command": "test", "seed": 7, "batch": 2}
 
@@ -101,3 +102,53 @@ def test_single_file_of_an_earlier_version_is_split_into_rounds(tmp_path):
     with pytest.raises(ValueError, match=r"bad.npy holds samples of shape \(3, 4, 4, 3\) "
                                          r"\(uint8\), not uint8 \[N, 2, 2, 3\]"):
         run(tmp_path / "bad", 4, [], output=tmp_path / "bad.npy")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_work_lists_do_not_grow_with_the_requested_count(tmp_path):
+    # 10^15 samples in rounds of 1: nothing may be built per round up front (a list of every
+    # round's size alone would need petabytes), so round 0 starts at once.
+    calls = []
+
+    def draw(r: int, size: int) -> Round:
+        calls.append((r, size))
+        if r == 2:
+            raise _Stop
+        return Round(np.zeros((size, 2, 2, 3), np.uint8))
+
+    sampler = RoundSampler(tmp_path / "run", 10**15, 1, seed_of_round, SETTINGS)
+    with pytest.raises(_Stop):
+        sampler.run(draw)
+    assert calls == [(0, 1), (1, 1), (2, 1)]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["samples_0.npz",
+                                                                     "samples_1.npz"]
+    assert round_size(10**15, 7, 10**15 // 7) == 10**15 % 7
+
+
+def test_a_count_that_cannot_fit_on_disk_is_refused_with_the_space_it_needs(tmp_path):
+    with pytest.raises(ReportableError) as error:
+        RoundSampler(tmp_path / "run", 10**12, 4, seed_of_round, SETTINGS,
+                     output=tmp_path / "run.npy", image_shape=(32, 32, 3),
+                     count_name="--number_samples")
+    message = str(error.value)
+    assert message.startswith("--number_samples 1000000000000 (samples of 32x32x3 uint8) would "
+                              "need 6.1 PB on disk (the round files and the final .npy), more "
+                              "than the ")
+    assert f"free in {tmp_path}: ask for fewer samples or free space." in message
+    assert list(tmp_path.iterdir()) == []
+    # A count that fits passes (and needs only the round files without an output).
+    check_space(tmp_path / "run", 10, (32, 32, 3))
+
+
+def test_a_refused_resume_shows_each_differing_value_in_full(tmp_path):
+    recorded = {"ckpt_full": {"path": "a/full.pth", "sha256": "0" * 64},
+                "sampler": {"method": "heun", "steps": 18, "churn": 0.0}, "seed": 7}
+    sample_settings.record_settings(tmp_path / "run.npy", recorded)
+    now = {"ckpt_full": {"path": "a/full.pth", "sha256": "1" * 64},
+           "sampler": {"method": "heun", "steps": 18, "churn": 4.5}}
+    message = sample_settings.settings_problem(tmp_path / "run", now, exists=True)
+    assert (f'ckpt_full.sha256 was "{"0" * 64}", now "{"1" * 64}"; sampler.churn was 0.0, now '
+            '4.5; seed was 7, now absent') in message
