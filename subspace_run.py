@@ -93,6 +93,7 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
     sampling.check_sampling_config(config, method=sampler, steps=steps)
     dataset = sl.stats_name_from_flag(dataset, config)
     plan = sl.SubspacePlan.from_statistics(config.data.image_size, sizes, cutoffs, dataset)
+    evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
     sde, default_eps = sde_lib.get_sde(config)
     if eps is None:
         eps = LEGACY_EPS if legacy else default_eps
@@ -161,10 +162,11 @@ def sample(config, sizes: Sequence[int], cutoffs: Sequence[float], ckpt_full: st
         print(f"Network evaluations and time per stage, {len(result.drawn)} round(s)"
               + (f" over {world} processes (seconds summed):" if world > 1 else ":"))
         print(format_stage_reports(totals))
-    metrics = evaluation.evaluate_samples(result.samples, config)
+    metrics = evaluation.evaluate_samples(result.samples, config, progress=progress)
     if metrics:
-        print(f"metrics over {len(result.samples)} samples: "
-              + " ".join(f"{key} {value:.6g}" for key, value in metrics.items()))
+        print(f"metrics over {len(result.samples)} samples: " + " ".join(
+            f"{key} {value:.6g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in metrics.items()))
     return result.samples
 
 

@@ -50,6 +50,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
         bpd_dataset="test",
         # Bits/dim over at most this many images per pass (0 = the whole split, as the original).
         bpd_num_images=0,
+        # Inception network of FID/KID: "tfhub" (TF-Hub's, with the Inception score), "torch"
+        # (its PyTorch port, no TensorFlow) or "auto" (TF-Hub's when it loads, else the port).
+        inception="auto",
     ))
     config.data = ml_collections.ConfigDict(dict(
         dataset="CIFAR10",

@@ -34,3 +34,15 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.skip(f"reference data not found at {REFERENCE} (set SUBSPACE_REFERENCE)")
     return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def torch_inception():
+    """The torch Inception network (87 MB) on the CPU, loaded once per test session (per xdist
+    worker); skips the test when the data package with its weights is not installed."""
+    import evaluation
+
+    try:
+        return evaluation.load_torch_inception("cpu")
+    except evaluation.InceptionWeightsError as error:
+        pytest.skip(str(error))

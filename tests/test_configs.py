@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SECTIONS = ("data", "model", "training", "sampling", "eval", "optim")
 # Fields this project adds to the original configs.
-ADDED_FIELDS = {("data", "root"), ("eval", "bpd_num_images"), ("sampling", "steps"),
+ADDED_FIELDS = {("data", "root"), ("eval", "bpd_num_images"), ("eval", "inception"),
+                ("sampling", "steps"),
                 ("sampling", "schedule"), ("sampling", "split"), ("sampling", "churn"),
                 ("sampling", "eta"),
                 ("model", "memory_format"), ("training", "precision"), ("training", "grad_accum"),
