@@ -9,6 +9,12 @@ yardstick, the GFLOP/s of an n x n float32 matrix product timed in the same run;
 `model.memory_format` "auto" picks on this machine; then one training step (loss, backward,
 Adam, EMA) at the largest size.
 
+A reduced precision the CPU does not compute natively (`models.utils.native_precisions`: no
+AVX-512 BF16 / AMX on x86) is emulated by torch at 2-60x the fp32 time per call, which made the
+bf16 rows take half an hour on an AVX2-only machine: such variants are skipped, and said so,
+unless `--force`; forced variants whose first call takes longer than `--cap` seconds are dropped
+after that call (also said). The line on `sampling.precision` "auto" says what it picks here.
+
 With `--original PATH` (a checkout of yang-song/score_sde_pytorch or bjing2016/subspace-diffusion)
 the original networks and training step are imported from PATH and timed alongside: the checkout
 is not modified, its CUDA extension loader is replaced in memory so that `op/` takes its own
@@ -20,6 +26,7 @@ table also shows how far each variant's output is from the original's float32 ou
 
     python bench/bench_networks.py [--original /path/to/score_sde_pytorch] [--models ncsnpp]
         [--sizes 32 16 8] [--batch 8] [--threads 2] [--repeats 5] [--train_batch 8]
+        [--force] [--cap 30]
 """
 from __future__ import annotations
 
@@ -76,6 +83,38 @@ def conditioning(config, batch: int) -> torch.Tensor:
         sigma = config.model.sigma_min * (config.model.sigma_max / config.model.sigma_min) ** 0.5
         return torch.full((batch,), float(sigma))
     return torch.full((batch,), 499.5)
+
+
+def runnable_variants(force: bool) -> tuple[tuple, list[str]]:
+    """This project's VARIANTS to time on this CPU, and a note per skipped precision: a
+    precision the CPU only emulates is skipped unless `force`."""
+    native = mutils.native_precisions("cpu")
+    emulated = sorted({precision for _, _, precision in VARIANTS} - native)
+    if force or not emulated:
+        return VARIANTS, []
+    notes = [f"{precision} variants skipped: this CPU ({torch.backends.cpu.get_cpu_capability()}) "
+             f"has no native {precision}, so each call would take {mutils.EMULATED_SLOWDOWN} "
+             "the fp32 time (seconds to minutes per call at 32 px); --force times them, "
+             "dropping any whose first call exceeds --cap seconds."
+             for precision in emulated]
+    return tuple(v for v in VARIANTS if v[2] not in emulated), notes
+
+
+def first_calls(calls: dict[str, Callable[[], object]], cap: float,
+                keep: tuple[str, ...]) -> tuple[dict[str, object], list[str]]:
+    """Call each function once; return its output by name and a note for each one (except
+    those named in `keep`) whose call took longer than `cap` seconds, which is removed from
+    `calls`."""
+    outputs, notes = {}, []
+    for label in list(calls):
+        start = time.perf_counter()
+        outputs[label] = calls[label]()
+        seconds = time.perf_counter() - start
+        if seconds > cap and label not in keep:
+            del calls[label]
+            notes.append(f"{label} dropped: its first call took {seconds:.1f} s (over --cap "
+                         f"{cap:g} s).")
+    return outputs, notes
 
 
 def time_calls(fn, repeats: int, warmup: int) -> tuple[float, float]:
@@ -263,7 +302,7 @@ def _max_relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_forward(name: str, size: int, args, original: Original | None, matmul: float) -> list:
     """Rows of the forward table for one model and size."""
-    models = {label: our_network(name, size, fmt)[0] for label, fmt, _ in VARIANTS}
+    models = {label: our_network(name, size, fmt)[0] for label, fmt, _ in args.variants}
     weights = copy.deepcopy(models["fp32 contiguous"].state_dict())
     for model in models.values():
         model.load_state_dict(weights)
@@ -272,7 +311,7 @@ def bench_forward(name: str, size: int, args, original: Original | None, matmul:
                    generator=torch.Generator().manual_seed(1))
     labels = conditioning(config, args.batch)
     calls = {}
-    for label, _, precision in VARIANTS:
+    for label, _, precision in args.variants:
         fn = mutils.get_model_fn(models[label], train=False)
 
         def call(fn=fn, precision=precision):
@@ -283,12 +322,15 @@ def bench_forward(name: str, size: int, args, original: Original | None, matmul:
     if original is not None:
         original_model, _ = original.network(name, size, weights)
         calls[ORIGINAL] = lambda: original_model(x, labels)
+    reference_name = ORIGINAL if original is not None else "fp32 contiguous"
     with torch.no_grad():
         flops = count_flops(calls["fp32 contiguous"])
-        reference_name = ORIGINAL if original is not None else "fp32 contiguous"
-        reference = calls[reference_name]()
-        diffs = {label: _max_relative(call(), reference) for label, call in calls.items()}
+        outputs, notes = first_calls(calls, args.cap, keep=(reference_name, "fp32 contiguous"))
+        diffs = {label: _max_relative(outputs[label], outputs[reference_name])
+                 for label in calls}
         times = time_interleaved(calls, args.repeats, args.warmup)
+    for note in notes:
+        print(f"<!-- {name} {size} px: {note} -->", flush=True)
     rows = []
     for label in calls:
         wall = statistics.median(times[label]["wall"])
@@ -299,13 +341,13 @@ def bench_forward(name: str, size: int, args, original: Original | None, matmul:
     return rows
 
 
-def auto_choices(name: str, sizes: list[int], batch: int) -> list[str]:
+def auto_choices(name: str, sizes: list[int], batch: int, precisions: list[str]) -> list[str]:
     """What `model.memory_format` "auto" picks on this machine (`measure_memory_format` at
     `batch`), per size and precision, with the two medians."""
     lines = []
     for size in sizes:
         model, config = our_network(name, size, "contiguous")
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             chosen, medians = mutils.measure_memory_format(
                 model, size, config.data.num_channels, precision, batch=batch)
             lines.append(f"- {name} {size} px {precision}: "
@@ -323,16 +365,32 @@ def bench_train(name: str, size: int, args, original: Original | None) -> list:
     batch = torch.rand(args.train_batch, config.data.num_channels, size, size,
                        generator=torch.Generator().manual_seed(2))
     steps = {}
-    for label, fmt, precision in VARIANTS:
+    for label, fmt, precision in args.variants:
         state, step_fn = our_train_step(name, size, fmt, precision, weights)
         steps[label] = (lambda state=state, step_fn=step_fn: step_fn(state, batch))
     if original is not None:
         state, step_fn = original.train_step(name, size, weights)
         steps[ORIGINAL] = lambda: step_fn(state, batch)
-    times = time_interleaved(steps, args.train_repeats, warmup=1)
+    # The first step of each is its warm-up; a variant over the cap stops there.
+    _, notes = first_calls(steps, args.cap, keep=(ORIGINAL, "fp32 contiguous"))
+    for note in notes:
+        print(f"<!-- training step {name} {size} px: {note} -->", flush=True)
+    times = time_interleaved(steps, args.train_repeats, warmup=0)
     return [(name, size, label, statistics.median(times[label]["wall"]),
              statistics.median(times[label]["cpu"]), _ratios(times, label, original is not None))
             for label in steps]
+
+
+def auto_precision_line() -> str:
+    """What precision "auto" can pick on this CPU, and why."""
+    native = sorted(mutils.native_precisions("cpu") - {"fp32"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not native:
+        return (f"fp32 without measuring (this CPU, {capability}, computes no reduced precision "
+                "natively).")
+    return (f"measured per network between fp32 and {', '.join(native)} (native on this "
+            f"{capability} CPU); a reduced precision is chosen when at least "
+            f"{1 / mutils.REDUCED_PRECISION_MARGIN:.2f}x faster.")
 
 
 def _load() -> str:
@@ -357,9 +415,14 @@ def main() -> None:
     parser.add_argument("--train_size", type=int, default=32)
     parser.add_argument("--train_repeats", type=int, default=5)
     parser.add_argument("--no_train", action="store_true", help="Skip the training step.")
+    parser.add_argument("--force", action="store_true",
+                        help="Also time reduced precisions this CPU only emulates.")
+    parser.add_argument("--cap", type=float, default=30.0,
+                        help="Drop a variant whose first call takes longer (seconds).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     original = Original(args.original) if args.original else None
+    args.variants, skipped = runnable_variants(args.force)
 
     print(f"# Network speed ({platform.processor() or platform.machine()}, torch "
           f"{torch.__version__}, {args.threads} threads)\n")
@@ -367,6 +430,9 @@ def main() -> None:
           f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls.")
     if original is not None:
         print(f"Original code: {original.path} (its pure-PyTorch CPU path for `op/`).")
+    for note in skipped:
+        print(note)
+    print(f"`sampling.precision` auto on this machine: {auto_precision_line()}")
     matmul_before = matmul_gflops()
     print(f"float32 2048x2048 matrix product: {matmul_before:.1f} GFLOP/s.\n", flush=True)
     print("| model | px | variant | wall (s) | CPU (s) | speed-up vs original, wall / CPU "
@@ -381,8 +447,9 @@ def main() -> None:
                       f"{rate:.1f} | {share:.0f} % | {diff:.1e} |", flush=True)
     print(f"\n`model.memory_format` auto on this machine (batch {args.batch}, interleaved, "
           "median of 3):\n")
+    precisions = sorted({precision for _, _, precision in args.variants}, reverse=True)
     for name in args.models:
-        print("\n".join(auto_choices(name, args.sizes, args.batch)), flush=True)
+        print("\n".join(auto_choices(name, args.sizes, args.batch, precisions)), flush=True)
     if not args.no_train:
         print(f"\nTraining step (loss, backward, Adam, EMA), batch {args.train_batch}, "
               f"{args.train_size}x{args.train_size}, median of {args.train_repeats} interleaved "
