@@ -18,9 +18,14 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two pytest-xdist workers (one per core of a small machine; `make test TEST_WORKERS=8` on a
+# bigger one). loadgroup: tests sharing a module-scoped fixture run on one worker
+# (tests/conftest.py groups them), every other test goes to whichever worker is free.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Optional: the TensorFlow parts (tfds data, TF-GAN metrics) in their own venv (about 3 GB).
 VENV_TF := .venv-tf
