@@ -111,7 +111,7 @@ def test_bad_input_is_one_sentence(checkpoints, tmp_path):
         "error: Got 2 subspace sizes [16, 8] but 1 --ckpt_subspace files: give one per size, "
         "same order.")
     result = run_cli("--subspace", "16", "--time", "0.5", "--ckpt_subspace", str(checkpoints[16]),
-                     "--ckpt_full", str(checkpoints[32]), "--dataset", "mnist",
+                     "--ckpt_full", str(checkpoints[32]), "--dataset", "svhn",
                      "--eval_folder", str(tmp_path), "--save_name", "x")
     assert result.returncode == 1
     assert "python -m analysis.rmsd" in result.stderr

@@ -152,7 +152,7 @@ def test_missing_statistics_name_the_command(tmp_path):
     with pytest.raises(KeyError, match="python -m analysis.rmsd"):
         sl.SubspacePlan.from_statistics(32, (4,), (0.5,), "cifar")
     with pytest.raises(KeyError, match="python -m analysis.rmsd"):
-        sl.SubspacePlan.from_statistics(32, (16,), (0.5,), "mnist")
+        sl.SubspacePlan.from_statistics(32, (16,), (0.5,), "svhn")
     with pytest.raises(FileNotFoundError, match="python -m analysis.rmsd"):
         sl.SubspacePlan.from_statistics(32, (16,), (0.5,), "cifar", tmp_path / "none.json")
     stats = tmp_path / "stats.json"
