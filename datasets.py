@@ -26,8 +26,10 @@ Backends, chosen by `config.data.dataset`:
 Training iterators repeat forever and reshuffle every epoch; evaluation iterators
 (`evaluation=True`) make one pass over every image (the last batch may be smaller). Shuffling,
 random flips and dequantization noise are seeded by `config.seed`, so iterating a dataset twice
-gives the same batches. Under torchrun, `get_dataset(..., shard=(rank, world_size))` returns one
-rank's part of every batch (see `get_dataset`).
+gives the same batches; a local training iterator's batch i depends on (seed, i) alone, so a
+resumed run continues with the batches it would have drawn (`get_dataset(..., start=)`). Under
+torchrun, `get_dataset(..., shard=(rank, world_size))` returns one rank's part of every batch
+(see `get_dataset`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import dataclasses
 import functools
 import gzip
 import importlib.metadata
+import itertools
 import math
 import pickle
 from collections.abc import Callable, Iterator
@@ -168,6 +171,28 @@ def _split_seeds(seed: int, split: int,
     return np.random.default_rng(sequence), torch_gen
 
 
+# Spawn keys that tell the keyed streams of repeating datasets apart from `_split_seeds`.
+_ORDER_STREAM, _BATCH_STREAM = 1, 2
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, split: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the n items in epoch `epoch` of a repeating split, keyed by (seed, split,
+    epoch): any epoch's order is known without drawing the epochs before it."""
+    sequence = np.random.SeedSequence([int(seed) % 2**32, split, epoch],
+                                      spawn_key=(_ORDER_STREAM,))
+    order = np.random.default_rng(sequence).permutation(n)
+    order.setflags(write=False)
+    return order
+
+
+def _batch_generator(seed: int, split: int, index: int) -> torch.Generator:
+    """The generator of batch `index`'s flips and dequantization noise in a repeating split."""
+    sequence = np.random.SeedSequence([int(seed) % 2**32, split, index],
+                                      spawn_key=(_BATCH_STREAM,))
+    return torch.Generator().manual_seed(int(sequence.generate_state(1, np.uint64)[0]) >> 1)
+
+
 # --------------------------------------------------------------------------------------------
 # Local sources: images held in memory, memory-mapped, or read from files on demand.
 
@@ -225,14 +250,24 @@ class ImageBatches:
     With `shard=(rank, world_size)`, every rank walks the same seeded sequence of global batches
     of `batch_size` and yields the items at positions rank, rank + W, ... of each (ranks with no
     item in a short last batch skip it): the ranks' batches partition the unsharded ones.
+
+    A repeating dataset is an endless stream of epochs, each in its own order keyed by (seed,
+    split, epoch), cut into batches that may straddle two epochs; the flips and dequantization
+    noise of batch i are drawn from a generator keyed by (seed, split, i). Batch i is therefore
+    known without drawing the batches before it, and iteration begins at batch `start` (a run
+    resumed at step s passes s and continues exactly as an uninterrupted one). A one-pass
+    dataset draws one order and one generator from (seed, split).
     """
 
     def __init__(self, source, transform: BatchTransform, batch_size: int, *, repeat: bool,
-                 seed: int, split: int, shard: tuple[int, int] | None = None):
+                 seed: int, split: int, shard: tuple[int, int] | None = None, start: int = 0):
         if len(source) == 0:
             raise ValueError(f"The {source.name} split has no images: check the data source.")
+        if start < 0 or (start and not repeat):
+            raise ValueError(f"A dataset can start at batch {start} only when it repeats; a "
+                             "one-pass dataset starts at 0.")
         self.source, self.transform, self.batch_size = source, transform, batch_size
-        self.repeat, self.seed, self.split = repeat, seed, split
+        self.repeat, self.seed, self.split, self.start = repeat, seed, split, int(start)
         self.rank, self.world_size = check_shard(shard)
 
     def __len__(self) -> int:
@@ -241,30 +276,44 @@ class ImageBatches:
         full, rest = divmod(len(self.source), self.batch_size)
         return full + (1 if rest > self.rank else 0)
 
-    def _index_batches(self, rng: np.random.Generator) -> Iterator[np.ndarray]:
-        pending = np.empty(0, dtype=np.int64)
-        while True:
-            pending = np.concatenate([pending, rng.permutation(len(self.source))])
-            while len(pending) >= self.batch_size:
-                yield pending[: self.batch_size]
-                pending = pending[self.batch_size:]
-            if not self.repeat:
-                break
-        if len(pending):
-            yield pending
+    def _stream_indices(self, index: int) -> np.ndarray:
+        """Items of batch `index` of a repeating dataset: positions index * B .. (index + 1) * B
+        - 1 of the endless stream that concatenates the epochs' orders (`_epoch_order`)."""
+        n = len(self.source)
+        items = np.arange(index * self.batch_size, (index + 1) * self.batch_size, dtype=np.int64)
+        epochs = items // n
+        indices = np.empty(len(items), dtype=np.int64)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            indices[chosen] = _epoch_order(self.seed, self.split, int(epoch), n)[items[chosen] % n]
+        return indices
+
+    def _batch(self, idx: np.ndarray, generator: torch.Generator) -> dict | None:
+        """The transformed batch of items `idx`, or this rank's part of it (None if empty)."""
+        if self.world_size == 1:
+            images, labels = self.source.get(idx)
+            return self.transform(images, labels, generator)
+        positions = rank_positions(len(idx), self.rank, self.world_size)
+        if len(positions) == 0:
+            return None
+        images, labels = self.source.get(idx[positions])
+        return self.transform(images, labels, generator, positions=positions, total=len(idx))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.repeat:
+            # Batch i depends on (seed, split, i) alone, so a resumed run starts at `start`.
+            for index in itertools.count(self.start):
+                batch = self._batch(self._stream_indices(index),
+                                    _batch_generator(self.seed, self.split, index))
+                if batch is not None:
+                    yield batch
+            return
         rng, generator = _split_seeds(self.seed, self.split)
-        for idx in self._index_batches(rng):
-            if self.world_size == 1:
-                images, labels = self.source.get(idx)
-                yield self.transform(images, labels, generator)
-                continue
-            positions = rank_positions(len(idx), self.rank, self.world_size)
-            if len(positions) == 0:
-                continue
-            images, labels = self.source.get(idx[positions])
-            yield self.transform(images, labels, generator, positions=positions, total=len(idx))
+        order = rng.permutation(len(self.source))
+        for first in range(0, len(order), self.batch_size):
+            batch = self._batch(order[first:first + self.batch_size], generator)
+            if batch is not None:
+                yield batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -900,14 +949,21 @@ def native_image_size(config) -> int:
 
 
 def get_dataset(config, uniform_dequantization: bool = False, evaluation: bool = False,
-                seed: int | None = None, shard: tuple[int, int] | None = None):
+                seed: int | None = None, shard: tuple[int, int] | None = None,
+                start: int = 0, eval_start: int = 0):
     """Training and evaluation batches of the configured dataset.
 
     Returns `(train_ds, eval_ds, dataset_builder)`: re-iterables of batch dicts (see the module
     docstring) with `config.training.batch_size` (or `config.eval.batch_size` when `evaluation`),
     and the TFDS builder, the TFRecord dataset, or a `LocalDataset` describing the local data.
-    Shuffling, flips and dequantization noise are seeded by `seed` (default `config.seed`); a
-    resumed training run can pass a different seed so as not to replay the same batches.
+    Shuffling, flips and dequantization noise are seeded by `seed` (default `config.seed`).
+
+    `start` and `eval_start` (training only) are the numbers of training and evaluation batches
+    a resumed run has already drawn: for the local backends (NUMPY, FOLDER, BUILTIN, MNIST)
+    iteration begins there, with exactly the batches an uninterrupted iteration yields from
+    there on (`ImageBatches`).
+    TFDS and TFRecord pipelines cannot skip ahead cheaply: they are seeded with `seed + start`
+    instead, a fresh stream that does not replay the batches already seen.
 
     `shard=(rank, world_size)` (see `distributed.shard()`) gives one rank's part of the data,
     with the same `seed` on every rank. Training batches then hold batch_size / world_size
@@ -931,12 +987,12 @@ def get_dataset(config, uniform_dequantization: bool = False, evaluation: bool =
         random_flip=bool(config.data.random_flip) and not evaluation,
         uniform_dequantization=bool(uniform_dequantization))
     if name not in LOCAL_DATASETS:
-        return _tf_datasets(config, name, transform, -(-batch_size // world), evaluation, seed,
-                            (rank, world))
+        return _tf_datasets(config, name, transform, -(-batch_size // world), evaluation,
+                            seed + int(start), (rank, world))
     local = _local_dataset(config, name)
     _halvings(local.native_size, transform.image_size, local.name)
     train_ds, eval_ds = (
         ImageBatches(source, transform, batch_size, repeat=not evaluation, seed=seed, split=split,
-                     shard=(rank, world))
-        for split, source in enumerate((local.train, local.test)))
+                     shard=(rank, world), start=first)
+        for split, (source, first) in enumerate(((local.train, start), (local.test, eval_start))))
     return train_ds, eval_ds, local

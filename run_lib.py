@@ -93,6 +93,16 @@ def example_generators(seed: int, step: int, positions: np.ndarray,
     return generators
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global generators (`set_seed`) for training step `step` on rank `rank`,
+    keyed by (seed, step, rank): the dropout masks of a step are the same whether or not the
+    run was resumed, and differ between ranks and steps. A stream of its own, apart from
+    `example_generators`'s."""
+    words = np.random.SeedSequence([int(seed) % 2**64, int(step), int(rank)], spawn_key=(1,))
+    high, low = (int(w) for w in words.generate_state(2, np.uint32))
+    return (high << 32 | low) >> 1
+
+
 def _paths(workdir: str | os.PathLike) -> dict[str, Path]:
     workdir = Path(workdir)
     return {
@@ -209,17 +219,16 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
                     ", ".join(p.name for p in _snapshot_files(paths["checkpoints"])) or "none")
     elif initial_step > 0:
         logger.info("Resuming training from step %d (%s).", initial_step, paths["meta"])
-    if initial_step > 0 or rank > 0:
-        # A resumed run must not replay the data and noise of the steps already taken, and
-        # ranks must not share their random draws (dropout, evaluation noise).
-        set_seed(distributed.rank_seed(config.seed + initial_step, rank))
     network = state["model"]
     state["model"] = distributed.wrap_model(network, device)
 
-    # Every rank uses the same data seed: the ranks split each global batch between them.
+    # Every rank uses the same data seed: the ranks split each global batch between them. A
+    # resumed run continues the batch streams where the steps already taken left them (one
+    # evaluation batch was drawn at every multiple of eval_freq).
+    eval_start = -(-initial_step // config.training.eval_freq) if initial_step else 0
     train_ds, eval_ds, _ = datasets.get_dataset(
         config, uniform_dequantization=config.data.uniform_dequantization,
-        seed=config.seed + initial_step, shard=(rank, world))
+        shard=(rank, world), start=initial_step, eval_start=eval_start)
     train_iter = _iterate_forever(train_ds)
     eval_iter = _iterate_forever(eval_ds)
     scaler = datasets.get_data_scaler(config)
@@ -252,6 +261,8 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
         steps = tqdm(range(initial_step, num_train_steps + 1), initial=initial_step,
                      total=num_train_steps + 1, desc="train", disable=not progress)
         for step in steps:
+            # Dropout, evaluation noise and snapshot samples draw from the global generators.
+            set_seed(step_seed(config.seed, step, rank))
             batch = scaler(next(train_iter)["image"].to(device))
             generators = example_generators(config.seed, step, positions, device)
             loss = train_step_fn(state, batch, generator=generators)
