@@ -265,8 +265,8 @@ def test_folder_rejects_non_square_or_mixed_sizes(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(ValueError, match="Unknown dataset 'MNIST'.*choose one of"):
-        datasets.get_dataset(make_config("MNIST"))
+    with pytest.raises(ValueError, match="Unknown dataset 'IMAGENET'.*choose one of"):
+        datasets.get_dataset(make_config("IMAGENET"))
     with pytest.raises(ValueError, match="config.data.root, which is not set"):
         datasets.get_dataset(make_config("NUMPY"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
