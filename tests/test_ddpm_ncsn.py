@@ -47,6 +47,9 @@ def test_ddpm_matches_original_manifest(reference_dir, config_path):
     config = importlib.import_module("configs." + config_path.replace("/", ".")).get_config()
     config.data.image_size = manifest["image_size"]
     config.device = CPU
+    # Layouts leave the state dict alone; "auto" would time this 36M-parameter network in both
+    # (test_network_options covers that measurement).
+    config.model.memory_format = "contiguous"
     model = create_model(config)
     assert isinstance(model, DDPM)
 
