@@ -282,8 +282,10 @@ class ImageBatches:
         n = len(self.source)
         items = np.arange(index * self.batch_size, (index + 1) * self.batch_size, dtype=np.int64)
         epochs = items // n
+        if epochs[0] == epochs[-1]:  # the common case: the batch lies within one epoch
+            return _epoch_order(self.seed, self.split, int(epochs[0]), n)[items % n]
         indices = np.empty(len(items), dtype=np.int64)
-        for epoch in np.unique(epochs):
+        for epoch in range(epochs[0], epochs[-1] + 1):
             chosen = epochs == epoch
             indices[chosen] = _epoch_order(self.seed, self.split, int(epoch), n)[items[chosen] % n]
         return indices
