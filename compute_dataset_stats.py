@@ -157,9 +157,11 @@ def _run() -> None:
                               progress=FLAGS.progress, network=network,
                               batch_size=FLAGS.batch_size)
     except ModuleNotFoundError as error:
-        raise cli.ReportableError(f"{error}: install requirements-tf.txt (TensorFlow datasets, "
-                                  "TF-Hub's Inception), or use --inception torch or --features "
-                                  "proxy.") from None
+        message = str(error)
+        if not message.endswith("."):  # a bare "No module named ...", not the project's sentence
+            message += (": install requirements-tf.txt (TensorFlow datasets, TF-Hub's "
+                        "Inception), or use --inception torch or --features proxy.")
+        raise cli.ReportableError(message) from None
     atomic_numpy_save(out, **stats)
     print(f"Wrote {out} ({int(stats['num_images'])} images, {FLAGS.split} split, "
           f"{stats[evaluation.FEATURE_NETWORK_KEY]}).")
