@@ -175,6 +175,10 @@ def train(config, workdir: str | os.PathLike, progress: bool = True) -> dict:
     """Train a score model as the original `run_lib.train`, resuming from the preemption
     checkpoint in `workdir` when there is one. Returns the final training state.
 
+    Every random draw of step s (batch, flips, dequantization, loss noise, dropout) is keyed by
+    (config.seed, s), so a run resumed at any step continues bit for bit as the uninterrupted
+    run (docs/resume.md; local datasets, same config, machine and process count).
+
     Under torchrun every rank trains a DistributedDataParallel copy on its part of each global
     batch of `config.training.batch_size`, drawing each example's noise and time from a
     generator keyed by its position in the global batch (`example_generators`), so K processes
