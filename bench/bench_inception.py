@@ -13,7 +13,8 @@ between the two feature sets of the same images (only the pipeline differs):
 - `range-127.5`: (x - 127.5) / 127.5 instead of (x - 128) / 128, the input range the score-SDE
   code feeds to TF-Hub's module;
 - `tf1-resize`: TF1's `tf.image.resize_bilinear(align_corners=False)` (no half-pixel centres:
-  output pixel i samples input coordinate i * in / out) instead of TF2's half-pixel resize.
+  output pixel i samples input coordinate i * in / out) instead of TF2's half-pixel resize, i.e.
+  `config.eval.inception_resize` "tf1".
 For scale, the mean relative distance between the features of different images is printed too.
 
     python bench/bench_inception.py [--images 32] [--batch 16] [--threads 2] [--compare]
@@ -63,16 +64,23 @@ def resize_matrix(n_in: int, n_out: int, half_pixel: bool) -> np.ndarray:
     return w
 
 
-def variant_input(images: np.ndarray, half_pixel: bool, centre: float) -> torch.Tensor:
-    """Network input of uint8 NHWC images under a pipeline variant: separable bilinear resize
-    to 299 (`resize_matrix`), then (x - centre) / centre."""
+def separable_input(images: np.ndarray) -> torch.Tensor:
+    """Network input of uint8 NHWC images through this file's own half-pixel weights
+    (`resize_matrix`): a check of `evaluation.torch_inception_input`'s `F.interpolate`."""
     size = evaluation.INCEPTION_DEFAULT_IMAGE_SIZE
-    wy = torch.from_numpy(resize_matrix(images.shape[1], size, half_pixel)).float()
-    wx = torch.from_numpy(resize_matrix(images.shape[2], size, half_pixel)).float()
+    wy = torch.from_numpy(resize_matrix(images.shape[1], size, True)).float()
+    wx = torch.from_numpy(resize_matrix(images.shape[2], size, True)).float()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    return (wy @ x @ wx.T - centre) / centre
+    return (wy @ x @ wx.T - 128.0) / 128.0
+
+
+def variant_input(images: np.ndarray, name: str) -> torch.Tensor:
+    """Network input under a pipeline variant: "range-127.5" is this project's resize with
+    (x - 127.5) / 127.5, i.e. its input times 128 / 127.5 plus 0.5 / 127.5; "tf1-resize" is
+    `torch_inception_input(resize="tf1")`."""
+    if name == "range-127.5":
+        return evaluation.torch_inception_input(images) * (128 / 127.5) + 0.5 / 127.5
+    return evaluation.torch_inception_input(images, resize="tf1")
 
 
 def features_of(model, inputs: torch.Tensor, batch: int) -> np.ndarray:
@@ -120,15 +128,18 @@ def main() -> None:
     if not args.compare:
         return
     ours = features.astype(np.float64)
-    check = features_of(model, variant_input(timed, True, 128.0), args.batch)
+    check = features_of(model, separable_input(timed), args.batch)
     print(f"separable half-pixel resize vs F.interpolate: max feature difference "
           f"{np.abs(check - ours).max():.2e}")
+    tf1 = evaluation.tf1_resize_weights(32, 299).double().numpy()
+    print(f"evaluation.tf1_resize_weights vs this file's TF1 weights: max difference "
+          f"{np.abs(tf1 - resize_matrix(32, 299, False)).max():.1e}")
     norms = np.linalg.norm(ours, axis=1)
     pairs = [np.linalg.norm(ours[i] - ours[j]) / norms[i]
              for i in range(len(ours)) for j in range(len(ours)) if i != j]
     print(f"scale: mean relative feature distance between different images {np.mean(pairs):.3f}")
-    for name, half_pixel, centre in (("range-127.5", True, 127.5), ("tf1-resize", False, 128.0)):
-        other = features_of(model, variant_input(timed, half_pixel, centre), args.batch)
+    for name in ("range-127.5", "tf1-resize"):
+        other = features_of(model, variant_input(timed, name), args.batch)
         change = np.linalg.norm(other - ours, axis=1) / norms
         fid = evaluation.frechet_distance_from_activations(ours, other)
         print(f"{name}: mean relative feature change {change.mean():.4f} (max "

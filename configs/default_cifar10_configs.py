@@ -53,6 +53,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
         # Inception network of FID/KID: "tfhub" (TF-Hub's, with the Inception score), "torch"
         # (its PyTorch port, no TensorFlow) or "auto" (TF-Hub's when it loads, else the port).
         inception="auto",
+        # Its bilinear resize to 299: "halfpixel" (TF2's, TF-GAN's preprocess_image) or "tf1"
+        # (TF1's resize_bilinear, the 2015 graph's own; see docs/inception.md).
+        inception_resize="halfpixel",
     ))
     config.data = ml_collections.ConfigDict(dict(
         dataset="CIFAR10",

@@ -20,6 +20,7 @@ CONFIGS = ROOT / "configs"
 SECTIONS = ("data", "model", "training", "sampling", "eval", "optim")
 # Fields this project adds to the original configs.
 ADDED_FIELDS = {("data", "root"), ("eval", "bpd_num_images"), ("eval", "inception"),
+                ("eval", "inception_resize"),
                 ("sampling", "steps"),
                 ("sampling", "schedule"), ("sampling", "split"), ("sampling", "churn"),
                 ("sampling", "eta"),

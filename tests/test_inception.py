@@ -34,13 +34,16 @@ def make_config(dataset="BUILTIN", image_size=32, inception=None, **data):
     return config
 
 
-def bilinear_half_pixel(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+def bilinear_half_pixel(image: np.ndarray, out_h: int, out_w: int,
+                        half_pixel: bool = True) -> np.ndarray:
     """Bilinear resize of an [H, W, C] array as TF2's `tf.image.resize(method=BILINEAR)`
     defines it (half-pixel centres, no antialiasing), written from that definition: output row i
     reads input coordinate (i + 0.5) * H / out_h - 0.5, clamped to [0, H - 1], and mixes the two
-    neighbouring rows linearly; likewise for columns."""
+    neighbouring rows linearly; likewise for columns. Without `half_pixel`, TF1's
+    `resize_bilinear(align_corners=False)`: output row i reads coordinate i * H / out_h."""
     def weights(n_in: int, n_out: int) -> np.ndarray:
-        source = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        offset = 0.5 if half_pixel else 0.0
+        source = np.clip((np.arange(n_out) + offset) * n_in / n_out - offset, 0, n_in - 1)
         low = np.floor(source).astype(int)
         high = np.minimum(low + 1, n_in - 1)
         w = np.zeros((n_out, n_in))
@@ -64,15 +67,18 @@ def test_resize_matches_tf_bilinear_half_pixel_formula():
     tall = np.repeat(row, 2, axis=1)  # 2 x 2 image, columns 0 and 100
     x = evaluation.torch_inception_input(tall, size=4)
     assert np.allclose(x[0, 0].numpy() * 128 + 128, [[0, 25, 75, 100]] * 4, atol=1e-4)
-    # Up- and downsampling of random images, against the formula.
+    x = evaluation.torch_inception_input(tall, size=4, resize="tf1")
+    assert np.allclose(x[0, 0].numpy() * 128 + 128, [[0, 50, 100, 100]] * 4, atol=1e-4)
+    # Up- and downsampling of random images, against the formulas.
     rng = np.random.default_rng(0)
     for shape, size in (((3, 5), 7), ((6, 5), 4), ((8, 8), 299)):
         images = rng.integers(0, 256, (2, *shape, 3), dtype=np.uint8)
-        x = evaluation.torch_inception_input(images, size=size).numpy()
-        assert x.shape == (2, 3, size, size)
-        for image, got in zip(images, x):
-            expected = (bilinear_half_pixel(image, size, size) - 128) / 128
-            assert np.allclose(got.transpose(1, 2, 0), expected, atol=1e-5), shape
+        for half_pixel, resize in ((True, "halfpixel"), (False, "tf1")):
+            x = evaluation.torch_inception_input(images, size=size, resize=resize).numpy()
+            assert x.shape == (2, 3, size, size)
+            for image, got in zip(images, x):
+                expected = (bilinear_half_pixel(image, size, size, half_pixel) - 128) / 128
+                assert np.allclose(got.transpose(1, 2, 0), expected, atol=1e-5), (shape, resize)
 
 
 def test_input_range_grey_channels_and_float_images():
@@ -220,6 +226,13 @@ def test_statistics_of_another_network_are_refused(tmp_path, caplog):
             assert evaluation.evaluate_samples(samples, config, stats_dir=tmp_path) is None
         assert "Inception metrics skipped: The statistics" in caplog.text
 
+    # Statistics of the default (half-pixel) resize are refused under TF1's resize.
+    _write(torch_name, pool_3=pools,
+           feature_network=np.asarray(evaluation.TORCH_INCEPTION_NETWORK))
+    with pytest.raises(evaluation.StatisticsMismatchError, match="tf1-nohalfpixel"):
+        evaluation.torch_inception_metrics(samples, evaluation.load_dataset_stats(
+            config, "torch_inception", tmp_path), resize="tf1")
+
     # TF-Hub's metric takes files without a record (the original's) but refuses torch ones.
     evaluation.check_feature_network({"pool_3": pools}, evaluation.TFHUB_INCEPTION_NETWORK,
                                      allow_unrecorded=True)
@@ -236,6 +249,10 @@ def test_inception_choice_and_file_names():
     with pytest.raises(ValueError, match="config.eval.inception must be one of auto, torch, "
                                          "tfhub; got 'tf'"):
         evaluation.inception_choice(make_config(inception="tf"))
+    config = make_config()
+    config.eval.inception_resize = "nearest"
+    with pytest.raises(ValueError, match="inception_resize must be one of halfpixel, tf1"):
+        evaluation.inception_choice(config)
     cifar = make_config("CIFAR10")
     assert evaluation.stats_filename(cifar) == "cifar10_stats.npz"
     assert evaluation.stats_filename(cifar, "torch_inception") == \
