@@ -524,10 +524,10 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     eval_dir = workdir / eval_folder
     for ckpt in range(config.eval.begin_ckpt, config.eval.end_ckpt + 1):
         _checkpoint_path(workdir, ckpt)  # every checkpoint exists before any work is done
-    evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
         if config.eval.enable_sampling and main:  # and its samples fit on disk and in memory
             check_space(eval_dir / f"ckpt_{ckpt}", config.eval.num_samples, _image_shape(config),
                         count_name="config.eval.num_samples")
+    evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     state = create_train_state(config, device)
@@ -616,10 +616,10 @@ def evaluate_subspace(config, workdir: str | os.PathLike, eval_folder: str,
     save_name = save_name or "subspace_" + "_".join(
         f"{s}_{t}" for s, t in zip(subspace_sizes, cutoffs))
     evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
-    set_seed(config.seed)
     if config.eval.enable_sampling and main:  # the samples fit on disk and in memory
         check_space(eval_dir / save_name, config.eval.num_samples, _image_shape(config),
                     eval_dir / f"{save_name}.npy", count_name="config.eval.num_samples")
+    set_seed(config.seed)
     config.device = device
     model = load_subspace_model(config, ckpt_full, list(ckpt_subspace), subspace_sizes, cutoffs,
                                 dataset=sl.stats_name_from_flag(dataset, config))
