@@ -98,7 +98,7 @@ def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):
     assert refused.returncode == 1
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "other settings" in lines[0]
-    assert "plan was" in lines[0]
+    assert "plan.cutoffs was [0.5, 0.6], now [0.4, 0.6]" in lines[0]
     np.testing.assert_array_equal(np.load(tmp_path / "run.npy"), after)
 
 
