@@ -62,13 +62,14 @@ def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
 def _run(args: SimpleNamespace) -> None:
     import torch
 
-    import demo_lib
+    import demo_run
+    import demo_settings
 
     cli.check_writable(args.workdir, "--workdir")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = demo_lib.DemoSettings.for_mode(args.mode)
-    demo_lib.run_demo(settings, args.workdir, reuse_builtin=args.reuse_builtin,
+    settings = demo_settings.DemoSettings.for_mode(args.mode)
+    demo_run.run_demo(settings, args.workdir, reuse_builtin=args.reuse_builtin,
                       export_assets=args.export_assets, progress=not args.no_progress)
     with open(os.path.join(args.workdir, "results.md")) as handle:
         print(handle.read())

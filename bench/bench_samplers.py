@@ -31,15 +31,14 @@ import datasets  # noqa: E402
 import evaluation  # noqa: E402
 import sde_lib  # noqa: E402
 import subspace_lib as sl  # noqa: E402
-from demo_lib import (  # noqa: E402
+from demo_metrics import held_out_images, training_features  # noqa: E402
+from demo_settings import (  # noqa: E402
     FULL_SIZE,
     STATS_NAME,
     DemoSettings,
     builtin_checkpoint_path,
     demo_config,
-    held_out_images,
     read_manifest,
-    training_features,
 )
 from files import atomic_write, atomic_write_text
 from models import utils as mutils  # noqa: E402

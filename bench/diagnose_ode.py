@@ -33,7 +33,7 @@ import datasets  # noqa: E402
 import evaluation  # noqa: E402
 import sampling  # noqa: E402
 import sde_lib  # noqa: E402
-from demo_lib import (  # noqa: E402
+from demo_settings import (  # noqa: E402
     FULL_SIZE,
     DemoSettings,
     builtin_checkpoint_path,

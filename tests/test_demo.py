@@ -1,4 +1,5 @@
-"""The laptop demo: the smoke mode end to end, the cutoff rule, the committed checkpoints."""
+"""The laptop demo: the smoke mode end to end, the cutoff rule, the committed checkpoints, the
+layering of its modules."""
 import dataclasses
 import json
 import math
@@ -8,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import demo_lib
+import demo_cutoffs
+import demo_metrics
+import demo_run
+import demo_settings
 from models import utils as mutils
 from models.checkpoints import load_model_weights
 
@@ -19,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def smoke(tmp_path_factory):
     """One smoke-mode run (a few training steps per model), shared by the tests below."""
     workdir = tmp_path_factory.mktemp("demo_smoke")
-    settings = demo_lib.DemoSettings.for_mode("smoke")
-    results = demo_lib.run_demo(settings, workdir, progress=False,
+    settings = demo_settings.DemoSettings.for_mode("smoke")
+    results = demo_run.run_demo(settings, workdir, progress=False,
                                 device=torch.device("cpu"))
     return workdir, settings, results
 
@@ -102,7 +106,7 @@ def test_smoke_evaluation_split_at_the_same_n(smoke):
         assert point["proxy_fid"] == info["proxy_fid"] and point["nfe"] == info["nfe"]
     assert results["quality_cost"]["full only"][str(n)]["full_equivalent_evals"] == \
         pytest.approx(n)
-    checks = demo_lib.claim_checks(results)
+    checks = demo_metrics.claim_checks(results)
     assert [c["claim"] for c in checks][0] == "full-only proxy FID <= 2x held-out floor"
     assert len(checks) == 1 + 3 * 2  # per subspace sampler: quality, speed-up, bits/dim
 
@@ -126,18 +130,18 @@ def test_smoke_bits_per_dim(smoke):
 
 def test_workdir_models_are_reused_and_settings_guarded(smoke):
     workdir, settings, _ = smoke
-    models = demo_lib.obtain_models(settings, workdir, torch.device("cpu"), False, False)
+    models = demo_run.obtain_models(settings, workdir, torch.device("cpu"), False, False)
     assert all(info["source"].startswith("reused") for info in models.values())
     other = dataclasses.replace(settings, lr={32: settings.learning_rate(32) / 2})
     with pytest.raises(ValueError, match="trained with other settings"):
-        demo_lib.obtain_models(other, workdir, torch.device("cpu"), False, False)
+        demo_run.obtain_models(other, workdir, torch.device("cpu"), False, False)
 
 
 def test_exported_weights_load_strictly_and_match_the_ema(smoke, tmp_path):
     workdir, settings, _ = smoke
     checkpoint = workdir / "models" / "size_16" / "checkpoints" / "checkpoint_1.pth"
-    config = demo_lib.demo_config(16, settings, torch.device("cpu"))
-    out = demo_lib.export_ema_weights(checkpoint, config, tmp_path / "w.pth")
+    config = demo_settings.demo_config(16, settings, torch.device("cpu"))
+    out = demo_run.export_ema_weights(checkpoint, config, tmp_path / "w.pth")
     assert "optimizer" not in torch.load(out, weights_only=True)
     assert out.stat().st_size < checkpoint.stat().st_size / 2
     exported = load_model_weights(mutils.create_model(config), out)
@@ -170,35 +174,35 @@ def _curve(floor: float, scale: float) -> dict:
 
 def test_threshold_is_the_papers_unless_the_model_error_floor_is_above_it():
     data = {"16": _curve(1e-4, 10.0), "8": _curve(2e-4, 20.0)}
-    threshold, rule = demo_lib.choose_threshold(data, 3e-3, 2.0, 0.3)
+    threshold, rule = demo_cutoffs.choose_threshold(data, 3e-3, 2.0, 0.3)
     assert threshold == 3e-3 and "paper" in rule
     data = {"16": _curve(0.018, 10.0), "8": _curve(0.019, 20.0)}
-    threshold, rule = demo_lib.choose_threshold(data, 3e-3, 2.0, 0.3)
+    threshold, rule = demo_cutoffs.choose_threshold(data, 3e-3, 2.0, 0.3)
     assert threshold == pytest.approx(0.038) and "floor" in rule
     data = {"16": _curve(0.99, 1.0), "8": _curve(1.0, 1.0)}
-    assert demo_lib.choose_threshold(data, 3e-3, 2.0, 0.3)[0] is None
+    assert demo_cutoffs.choose_threshold(data, 3e-3, 2.0, 0.3)[0] is None
 
 
 def test_nested_plan_needs_increasing_cutoffs():
-    chosen, skipped = demo_lib.plans({16: 0.4, 8: 0.3})
+    chosen, skipped = demo_settings.plans({16: 0.4, 8: 0.3})
     assert list(chosen) == ["full only", "subspace 16"] and list(skipped) == ["subspace 16, 8"]
-    chosen, skipped = demo_lib.plans({16: 0.3, 8: 0.4})
+    chosen, skipped = demo_settings.plans({16: 0.3, 8: 0.4})
     assert len(chosen) == 3 and not skipped
 
 
 def test_committed_checkpoints_and_results(tmp_path):
-    manifest_path = demo_lib.BUILTIN_CHECKPOINTS / demo_lib.MANIFEST_NAME
+    manifest_path = demo_settings.BUILTIN_CHECKPOINTS / demo_settings.MANIFEST_NAME
     if not manifest_path.is_file():
         pytest.skip("no committed demo checkpoints (run `python demo.py --mode full "
                     "--export_assets`)")
-    manifest = demo_lib.read_manifest()
+    manifest = demo_settings.read_manifest()
     total = 0
     for entry in manifest["files"].values():
-        path = demo_lib.BUILTIN_CHECKPOINTS / entry["file"]
-        assert demo_lib._sha256(path) == entry["sha256"]
+        path = demo_settings.BUILTIN_CHECKPOINTS / entry["file"]
+        assert demo_run._sha256(path) == entry["sha256"]
         total += path.stat().st_size
     assert total < 8 * 2**20
-    committed = json.loads((demo_lib.DEMO_ASSETS / "results.json").read_text())
+    committed = json.loads((demo_settings.DEMO_ASSETS / "results.json").read_text())
     assert committed["mode"] == "full" and committed["cutoffs"] == manifest["cutoffs"]
     n = committed["settings"]["num_steps"]
     full = committed["samplers"]["full only"]["nfe"]["32"]
@@ -208,10 +212,38 @@ def test_committed_checkpoints_and_results(tmp_path):
     assert all(math.isfinite(b["bpd"]) for b in committed["bpd"].values())
     # The quick mode's path on 4 samples: committed weights (strict), manifest cutoffs. N stays
     # at the committed value (the networks hold a buffer of N noise levels).
-    settings = dataclasses.replace(demo_lib.DemoSettings.for_mode("quick"), num_samples=4,
+    settings = dataclasses.replace(demo_settings.DemoSettings.for_mode("quick"), num_samples=4,
                                    grid_samples=4)
-    results = demo_lib.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
+    results = demo_run.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
     assert results["cutoffs"]["values"] == manifest["cutoffs"]["values"]
     assert all(t["source"].startswith("committed") for t in results["training"].values())
     assert results["samplers"]["subspace 16, 8"]["nfe"]["32"] < n
     assert "bpd" not in results and (tmp_path / "samples.png").is_file()
+
+
+# Which demo modules each demo module may import: settings at the bottom, orchestration on top,
+# the report reads the claims from the metrics; nothing else crosses.
+DEMO_LAYERS = {
+    "demo_settings": set(),
+    "demo_cutoffs": {"demo_settings"},
+    "demo_sampling": {"demo_settings"},
+    "demo_metrics": {"demo_settings"},
+    "demo_report": {"demo_settings", "demo_metrics"},
+    "demo_run": {"demo_settings", "demo_cutoffs", "demo_sampling", "demo_metrics",
+                 "demo_report"},
+}
+
+
+def test_demo_modules_import_one_way():
+    from test_import_layers import imported_modules
+
+    modules = {p.stem for p in ROOT.glob("demo_*.py")}
+    assert modules == DEMO_LAYERS.keys(), "place every demo_*.py module in DEMO_LAYERS"
+    for name, allowed in DEMO_LAYERS.items():
+        demo_imports = {m.split(".")[0] for m in imported_modules(ROOT / f"{name}.py")} & (
+            modules | {"demo"})
+        assert demo_imports <= allowed, f"{name} imports {sorted(demo_imports - allowed)}"
+    # Only the entry script runs the demo: no library module imports the demo's modules.
+    for path in ROOT.glob("*.py"):
+        if path.stem not in modules | {"demo"}:
+            assert not {m.split(".")[0] for m in imported_modules(path)} & modules, path.name

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Command lines, their plumbing and the orchestration behind them: nothing below them may import
 # these. `cli` holds the command-line helpers; `utils` re-exports them, so it counts as plumbing.
 ENTRY_SCRIPTS = {"main", "subspace_sample", "subspace_inpainting", "demo", "compute_dataset_stats"}
-ORCHESTRATION = {"run_lib", "subspace_run", "sample_rounds", "demo_lib"}
+ORCHESTRATION = {"run_lib", "subspace_run", "sample_rounds", "demo_run", "demo_settings",
+                 "demo_cutoffs", "demo_sampling", "demo_metrics", "demo_report"}
 UPPER = ENTRY_SCRIPTS | ORCHESTRATION | {"cli", "utils"}
 # The foundations import only each other (and op/, the bottom layer).
 FOUNDATIONS = {"models", "op", "sde_lib", "subspace_lib", "files", "registry", "distributed",

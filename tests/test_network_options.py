@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference_cases import CASES, case_config, expected
 
-import demo_lib
+import demo_settings
 import evaluation
 import likelihood
 import losses
@@ -31,11 +31,11 @@ def _max_relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @functools.cache
 def demo_network(size: int, memory_format: str = "auto") -> tuple[torch.nn.Module, object]:
     """The committed demo EMA network at `size` (sub-VP DDPM++, nf 16) and its config."""
-    path = demo_lib.builtin_checkpoint_path(size)
+    path = demo_settings.builtin_checkpoint_path(size)
     if not path.is_file():
         pytest.skip(f"no committed demo checkpoint at {path}")
-    config = demo_lib.demo_config(size, demo_lib.DemoSettings.for_mode("quick"),
-                                  device=torch.device("cpu"))
+    config = demo_settings.demo_config(size, demo_settings.DemoSettings.for_mode("quick"),
+                                       device=torch.device("cpu"))
     config.model.memory_format = memory_format
     return load_model_weights(mutils.create_model(config), path, device="cpu"), config
 
@@ -88,8 +88,8 @@ def test_auto_memory_format_is_measured_once_per_machine_and_configuration(monke
                                                                              tmp_path):
     monkeypatch.setenv(mutils.MEMORY_FORMAT_CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(mutils, "_MEASURED_FORMATS", {})
-    config = demo_lib.demo_config(8, demo_lib.DemoSettings.for_mode("smoke"),
-                                  device=torch.device("cpu"))
+    config = demo_settings.demo_config(8, demo_settings.DemoSettings.for_mode("smoke"),
+                                       device=torch.device("cpu"))
     config.model.nf = 8
     calls = []
     measure = mutils.measure_memory_format

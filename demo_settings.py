@@ -1,0 +1,155 @@
+"""What a demo run does: its modes and settings, the fixed sizes and samplers, the model
+config, the committed checkpoints and their manifest.
+
+The demo (`demo.py`, orchestrated by `demo_run.run_demo`) is the main job of the paper on the
+built-in dataset, sized for a laptop. Modes (`DemoSettings.for_mode`): `full` (the measured
+laptop run), `quick` (sampling and table from the committed checkpoints of
+assets/checkpoints/builtin, no training, no likelihood) and `smoke` (a few training steps and
+tiny sample counts, for the tests). Every other demo module imports this one; it imports none
+of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_collections
+import torch
+
+from models import utils as mutils
+
+ROOT = Path(__file__).resolve().parent
+BUILTIN_CHECKPOINTS = ROOT / "assets" / "checkpoints" / "builtin"
+DEMO_ASSETS = ROOT / "assets" / "demo"
+MANIFEST_NAME = "manifest.json"
+CONFIG_MODULE = "configs.builtin.subvp_ddpmpp_small"
+STATS_NAME = "builtin"
+FULL_SIZE = 32
+SUBSPACE_SIZES = (16, 8)
+# The samplers compared at the same N: name -> subspace sizes of the plan (empty: full only).
+SAMPLERS: dict[str, tuple[int, ...]] = {"full only": (), "subspace 16": (16,),
+                                        "subspace 16, 8": (16, 8)}
+MODES = ("full", "quick", "smoke")
+
+
+DEFAULT_LR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Everything a demo run does, for one mode (`for_mode`)."""
+
+    mode: str
+    train: bool
+    train_steps: dict[int, int]
+    train_batch: int = 32
+    # Learning rate per image size (sizes not listed: 1e-3).
+    lr: dict[int, float] = dataclasses.field(default_factory=dict)
+    warmup: int = 100
+    # The 16x16 and 8x8 models only run above their cutoffs, so they train on t in [this, 1]
+    # (the cutoffs are raised to it if the divergence puts them lower).
+    subspace_min_time: float = 0.2
+    num_steps: int = 50
+    num_samples: int = 512
+    sample_batch: int = 128
+    # Step counts of the quality-against-cost curve (empty: no curve); num_steps is reused.
+    curve_steps: tuple[int, ...] = (10, 25, 50)
+    bootstrap_resamples: int = 200
+    grid_samples: int = 64
+    divergence: bool = True
+    divergence_images: int = 512
+    divergence_times: int = 21
+    threshold: float = 3e-3
+    floor_factor: float = 2.0
+    untrained_floor: float = 0.3
+    bpd: bool = True
+    bpd_images: int = 64
+    bpd_batch: int = 32
+    bpd_tol: float = 1e-4
+    langevin_snr: float = 0.01
+    langevin_steps: int = 2
+    # Used only for an untrained full model (see `choose_threshold`).
+    fallback_cutoffs: tuple[float, float] = (0.5, 0.6)
+    seed: int = 42
+
+    @classmethod
+    def for_mode(cls, mode: str) -> DemoSettings:
+        """The settings of `full`, `quick` or `smoke` (see the module docstring)."""
+        if mode == "full":
+            # The full model at twice the subspace models' rate: the same bits/dim in 1600
+            # steps as in 2400 at 1e-3 (README, "The 15-minute budget").
+            return cls(mode, train=True, train_steps={32: 1600, 16: 800, 8: 800},
+                       lr={32: 2e-3})
+        if mode == "quick":
+            return cls(mode, train=False, train_steps={}, divergence=False, bpd=False,
+                       curve_steps=())
+        if mode == "smoke":
+            return cls(mode, train=True, train_steps={32: 4, 16: 4, 8: 4}, train_batch=4,
+                       warmup=1, num_steps=25, num_samples=8, sample_batch=4,
+                       curve_steps=(10, 25), bootstrap_resamples=20, grid_samples=4,
+                       divergence_images=4, divergence_times=3, bpd_images=2, bpd_batch=2,
+                       bpd_tol=1e-3)
+        raise ValueError(f"Unknown demo mode '{mode}': choose one of {', '.join(MODES)}.")
+
+    def learning_rate(self, image_size: int) -> float:
+        """The learning rate of the model at `image_size`."""
+        return float(self.lr.get(int(image_size), DEFAULT_LR))
+
+    def training_key(self) -> dict:
+        """The settings that determine the trained weights (a workdir keeps one set)."""
+        return {"config": CONFIG_MODULE, "train_steps": {str(k): v for k, v in
+                                                          self.train_steps.items()},
+                "train_batch": self.train_batch,
+                "lr": {str(k): self.learning_rate(k) for k in self.train_steps},
+                "warmup": self.warmup,
+                "subspace_min_time": self.subspace_min_time, "seed": self.seed}
+
+
+def demo_config(image_size: int, settings: DemoSettings,
+                device: torch.device | None = None) -> ml_collections.ConfigDict:
+    """The small sub-VP DDPM++ config at `image_size` with the demo's training settings."""
+    import importlib
+
+    config = importlib.import_module(CONFIG_MODULE).get_config()
+    config.data.image_size = int(image_size)
+    steps = settings.train_steps.get(int(image_size), 1)
+    config.training.update(n_iters=steps, snapshot_freq=steps, batch_size=settings.train_batch,
+                           snapshot_freq_for_preemption=min(100, steps), log_freq=25,
+                           eval_freq=max(steps, 1), snapshot_sampling=False)
+    config.optim.update(lr=settings.learning_rate(image_size), warmup=settings.warmup)
+    if int(image_size) < FULL_SIZE:
+        config.training.min_time = settings.subspace_min_time
+    config.model.num_scales = settings.num_steps
+    config.seed = settings.seed
+    config.device = device if device is not None else mutils.default_device()
+    return config
+
+
+def builtin_checkpoint_path(size: int, folder: Path = BUILTIN_CHECKPOINTS) -> Path:
+    """Path of the committed EMA weights of the size-`size` model."""
+    return Path(folder) / f"subvp_ddpmpp_small_{int(size)}.pth"
+
+
+def read_manifest(folder: Path = BUILTIN_CHECKPOINTS) -> dict:
+    """The manifest of the committed checkpoints (how they were produced, their cutoffs)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: produce the committed checkpoints with `python demo.py "
+            "--mode full --export_assets`.")
+    return json.loads(path.read_text())
+
+
+def plans(cutoffs: dict[int, float]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The samplers that the cutoffs allow, and why any other was left out (a nested plan
+    needs the 8x8 cutoff after the 16x16 one)."""
+    chosen, skipped = {}, {}
+    for name, sizes in SAMPLERS.items():
+        times = [cutoffs[s] for s in sizes]
+        if all(a < b for a, b in zip(times, times[1:])):
+            chosen[name] = sizes
+        else:
+            skipped[name] = (f"cutoffs {times} for sizes {list(sizes)} do not increase, so the "
+                             "smaller level would never run")
+    return chosen, skipped
