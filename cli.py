@@ -280,13 +280,17 @@ def _flag_error_sentence(error: Exception) -> str:
 
 
 def _config_flag_file(values, name: str, argv: list[str]) -> str | None:
-    """The file a config flag `--NAME` names on the command line, else its default."""
+    """The file a config flag `--NAME` names on the command line (the last one given, as absl
+    takes it), else its default."""
+    given = None
     for index, arg in enumerate(argv):
         for prefix in (f"--{name}=", f"-{name}="):
             if arg.startswith(prefix):
-                return arg[len(prefix):]
+                given = arg[len(prefix):]
         if arg in (f"--{name}", f"-{name}") and index + 1 < len(argv):
-            return argv[index + 1]
+            given = argv[index + 1]
+    if given is not None:
+        return given
     default = getattr(values[name], "default_as_str", None)
     return default.strip("'\"") if default and default != "None" else None
 
@@ -372,6 +376,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     from absl import flags
 
     values = flags.FLAGS
+
+    def check_file(name: str, filename: str) -> None:
+        if filename and not Path(filename.split(":")[0]).is_file():
+            fail(f"--{name} {filename}: no such config file; give the path of a config file "
+                  "such as configs/ve/cifar10_ncsnpp_continuous.py.")
+
+    if "config" in values:  # a missing file would fail while the overrides are applied
+        named = [a for a in argv if a.startswith(("--config=", "-config="))
+                 or a in ("--config", "-config")]
+        if named:
+            check_file("config", _config_flag_file(values, "config", argv) or "")
     try:
         remaining = values(argv)
     except flags.Error as error:
@@ -387,9 +402,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         if name not in values or not values[name].present:
             continue
         filename = getattr(values[name], "config_filename", None) or ""
-        if filename and not Path(filename.split(":")[0]).is_file():
-            fail(f"--{name} {filename}: no such config file; give the path of a config file "
-                  "such as configs/ve/cifar10_ncsnpp_continuous.py.")
+        check_file(name, filename)
         try:
             getattr(values, name)
         except Exception as error:  # noqa: BLE001 - ml_collections raises assorted types

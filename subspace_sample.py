@@ -51,7 +51,8 @@ flags.DEFINE_enum("sampler", "pc",
                   "adaptive RK45 ('ode'), or a few-step solver (sde_dpm_solver: stochastic).")
 flags.DEFINE_integer("steps", None, "Solver steps over all stages, the last being the "
                      "denoising step (heun, dpm_solver, sde_dpm_solver, ddim); default: "
-                     "config.sampling.steps, else the solver's default.")
+                     "config.sampling.steps, else the solver's default. Refused with pc, which "
+                     "takes N = --config.model.num_scales steps, and with ode (adaptive).")
 flags.DEFINE_float("eps", None, "Final sampling time; default: 1e-5 (VE, and every SDE with "
                    "--legacy) or 1e-3 (VP, sub-VP).")
 flags.DEFINE_integer("seed", None, "Random seed (round r uses seed + r); default: config.seed.")

@@ -159,6 +159,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("analysis.divergence", [*divergence, *typo], suggestion),
         ("analysis.bands", ["--config", CONFIG, "--checkpoint", CKPT[32], *typo], suggestion),
         ("compute_dataset_stats.py", [*stats, *typo], suggestion),
+        ("main.py", [*train, "--config", "nowhere.py", "--config.sampling.schedule", "x"],
+         "--config nowhere.py: no such config file"),
         ("main.py", [*train, "--config.sampling.schedule.x", "1"],
          "config.sampling.schedule is a NoneType value"),
         # Zero frequencies and a negative step count: refused before any folder is made.
