@@ -286,7 +286,8 @@ def test_two_process_bits_per_dim_cover_the_test_split_once(runs):
 
 
 def _untrained_checkpoints(config, folder: Path) -> dict[int, Path]:
-    """Seeded untrained full (32) and 16x16 checkpoints of `config`: {size: path}."""
+    """Seeded untrained (randomly perturbed) full (32) and 16x16 checkpoints of `config`:
+    {size: path}."""
     from models.ema import ExponentialMovingAverage
     from models.subspace_model import subspace_configs
 
@@ -294,6 +295,11 @@ def _untrained_checkpoints(config, folder: Path) -> dict[int, Path]:
     paths = {}
     for cfg in [config] + subspace_configs(config, (16,)):
         model = mutils.create_model(cfg)
+        # A zero-initialised output layer gives a zero score, whose Langevin step size is
+        # infinite: small noise on every weight makes the samples finite and seed-dependent.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
         paths[cfg.data.image_size] = folder / f"checkpoint_{cfg.data.image_size}.pth"
         save_checkpoint(paths[cfg.data.image_size], dict(
             optimizer=losses.get_optimizer(cfg, model.parameters()), model=model,
