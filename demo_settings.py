@@ -78,7 +78,7 @@ class DemoSettings:
         """The settings of `full`, `quick` or `smoke` (see the module docstring)."""
         if mode == "full":
             # The full model at twice the subspace models' rate: the same bits/dim in 1600
-            # steps as in 2400 at 1e-3 (README, "The 15-minute budget").
+            # steps as in 2400 at 1e-3 (docs/demo.md, "The 15-minute budget").
             return cls(mode, train=True, train_steps={32: 1600, 16: 800, 8: 800},
                        lr={32: 2e-3})
         if mode == "quick":
