@@ -118,10 +118,12 @@ def test_smoke_bits_per_dim(smoke):
     for info in bpd.values():
         assert math.isfinite(info["bpd"]) and info["bpd"] > 0
         assert info["images"] == settings.bpd_images and info["ode_nfe"] > 0
-    # The implicit score calls each network; its evaluations add up to the ODE's.
+    # The implicit score calls the full network near t = eps and the coarsest subspace network
+    # near t = T (the ODE's two ends), and its evaluations add up to the ODE's. The adaptive
+    # RK45 solver may step over the narrow middle band (16x16 on [0.5, 0.6] here) altogether.
     for name in ("subspace 16", "subspace 16, 8"):
         info = bpd[name]
-        assert info["num_full"] > 0 and all(k > 0 for k in info["num_subspace"])
+        assert info["num_full"] > 0 and info["num_subspace"][-1] > 0
         assert info["num_full"] + sum(info["num_subspace"]) == info["ode_nfe"]
         assert math.isfinite(info["difference_to_full"])
         assert info["difference_to_full"] == pytest.approx(info["bpd"] - bpd["full only"]["bpd"],
