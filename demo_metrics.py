@@ -19,16 +19,22 @@ import sde_lib
 from demo_settings import DemoSettings
 
 
-def held_out_images(config, count: int) -> torch.Tensor:
-    """The first `count` images of the test split (seeded order), float NCHW in [0, 1]."""
-    _, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
+def first_images(config, count: int, split: str = "test") -> torch.Tensor:
+    """The first `count` images of the `split` ("train" or "test") of the configured dataset in
+    its evaluation order (one pass, seeded, no flips), float NCHW in [0, 1]."""
+    train_ds, eval_ds, _ = datasets.get_dataset(config, evaluation=True)
     batches, total = [], 0
-    for batch in eval_ds:
+    for batch in (train_ds if split == "train" else eval_ds):
         batches.append(batch["image"])
         total += len(batch["image"])
         if total >= count:
             break
     return torch.cat(batches)[:count]
+
+
+def held_out_images(config, count: int) -> torch.Tensor:
+    """The first `count` images of the test split (seeded order), float NCHW in [0, 1]."""
+    return first_images(config, count, "test")
 
 
 def training_features(config) -> np.ndarray:

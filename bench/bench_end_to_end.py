@@ -47,7 +47,7 @@ from bench_samplers import PLAN_SIZES, SAMPLERS, run_sampler  # noqa: E402
 import datasets  # noqa: E402
 import evaluation  # noqa: E402
 import subspace_lib as sl  # noqa: E402
-from demo_metrics import held_out_images, training_features  # noqa: E402
+from demo_metrics import first_images, held_out_images, training_features  # noqa: E402
 from demo_settings import (  # noqa: E402
     FULL_SIZE,
     STATS_NAME,
@@ -148,15 +148,8 @@ def inception_scorer(config, count: int):
     bootstrap interval; None when this checkout's evaluation.py has no torch Inception."""
     if not hasattr(evaluation, "torch_inception_features"):
         return None
-    train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
-    images, total = [], 0
-    for batch in train_ds:
-        images.append(batch["image"])
-        total += len(batch["image"])
-        if total >= count:
-            break
     model = evaluation.load_torch_inception("cpu")
-    reference = evaluation.torch_inception_features(torch.cat(images)[:count], model)
+    reference = evaluation.torch_inception_features(first_images(config, count, "train"), model)
     mu, sigma = evaluation.gaussian_statistics(reference)
     stats = {"mu": mu, "sigma": sigma}
 
