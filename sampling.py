@@ -237,9 +237,17 @@ class NonePredictor(Predictor):
 
 
 def langevin_step_factor(sde: sde_lib.SDE, t: torch.Tensor) -> torch.Tensor:
-    """Step-size factor of the Langevin correctors: alpha_i = 1 - beta_i for VP/sub-VP, else 1."""
+    """Step-size factor of the Langevin correctors: alpha_i = 1 - beta_i for VP/sub-VP, else 1.
+
+    1 - beta_i is the first-order form of the discrete chain's exp(-beta_i). With few steps
+    (beta_i = beta(t) / N reaches 1 once N <= beta_max, e.g. N = 10 above t = 0.5 for
+    beta_max = 20) it is zero or negative, and the reference's step, which takes its square
+    root, is NaN; there exp(-beta_i) is used instead. Wherever the reference's factor is
+    positive (every t once N > beta_max) the two are identical."""
     if isinstance(sde, sde_lib.VPSDE):
-        return sde.alphas.to(t.device)[_discrete_index(sde, t)]
+        alpha = sde.alphas.to(t.device)[_discrete_index(sde, t)]
+        beta = sde.discrete_betas.to(t.device)[_discrete_index(sde, t)]
+        return torch.where(alpha > 0, alpha, torch.exp(-beta))
     return torch.ones_like(t)
 
 

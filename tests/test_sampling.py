@@ -428,3 +428,22 @@ def test_get_sampling_fn_builds_from_config():
     with pytest.raises(ValueError,
                        match="'pc', 'ode', 'heun', 'dpm_solver', 'sde_dpm_solver' or 'ddim'"):
         sampling.get_sampling_fn(config, sde, (2, 1, 4, 4), _identity, 1e-3)
+
+
+@pytest.mark.parametrize("sde_class", [sde_lib.VPSDE, sde_lib.subVPSDE])
+def test_langevin_step_factor_is_the_references_where_positive_and_finite_for_few_steps(
+        sde_class):
+    t = torch.linspace(1e-3, 1.0, 41)
+    # N = 1000: exactly the reference's 1 - beta_i at every t.
+    sde = sde_class(N=1000)
+    index = (t * (sde.N - 1) / sde.T).long()
+    assert torch.equal(sampling.langevin_step_factor(sde, t), sde.alphas[index])
+    # N = 10: 1 - beta_i <= 0 above t ~ 0.5; the factor stays positive (exp(-beta_i)) there, so
+    # the Langevin step sqrt(2 eps) is finite, and keeps 1 - beta_i below.
+    sde = sde_class(N=10)
+    factor = sampling.langevin_step_factor(sde, t)
+    index = (t * (sde.N - 1) / sde.T).long()
+    assert (sde.alphas[index] <= 0).any() and (factor > 0).all()
+    positive = sde.alphas[index] > 0
+    assert torch.equal(factor[positive], sde.alphas[index][positive])
+    assert torch.allclose(factor[~positive], torch.exp(-sde.discrete_betas[index][~positive]))
