@@ -35,8 +35,10 @@ def _changed(before: dict[str, str], after: dict[str, str]) -> list[str]:
 
 
 def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
-    """(target, args, text the error line must contain)."""
+    """(target, args, expected): the error line is `expected` when that starts with "error: ",
+    else it contains `expected`."""
     out = str(tmp / "out")
+    missing = str(tmp / "missing.pth")
     text = tmp / "notes.txt"  # a text file where a checkpoint belongs
     text.write_text("not a checkpoint\n")
     blocker = tmp / "a_file"
@@ -80,14 +82,18 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("subspace_sample.py", [*sample, "--subspace", "12"], "--subspace 12"),
         ("subspace_sample.py", [*sample, "--subspace", "64"], "valid sizes are 16, 8, 4, 2, 1"),
         ("subspace_sample.py", [*sample, "--subspace", "16,8", "--time", "0.5,0.6"],
-         "--ckpt_subspace"),
+         "error: Got 2 subspace sizes [16, 8] but 1 --ckpt_subspace files: give one per size, "
+         "same order."),
         ("subspace_sample.py", [*sample, "--ckpt_full", str(text)], NOT_CKPT),
         ("subspace_sample.py", [*sample, "--ckpt_full", "missing.pth"], "--ckpt_full"),
         ("subspace_sample.py", [*sample, "--ckpt_subspace", CKPT[8]], CKPT[8]),
         ("subspace_sample.py", [*sample, "--eval_folder", inside_file], "--eval_folder"),
         ("subspace_sample.py", [*sample, "--eval_folder", "/proc/samples"], "--eval_folder"),
         ("subspace_sample.py", [*sample, "--save_name", "a/b"], "--save_name"),
-        ("subspace_sample.py", [*sample, "--dataset", "nosuchdata"], "analysis.rmsd"),
+        ("subspace_sample.py", [*sample, "--dataset", "nosuchdata"], "python -m analysis.rmsd"),
+        ("subspace_sample.py", [*sample, "--config.sampling.precision", "fp8"],
+         "error: Unknown precision 'fp8': set config.training.precision or "
+         "config.sampling.precision to one of auto, fp32, bf16, fp16."),
         ("subspace_sample.py", [*sample, "--config", "nowhere.py"], "--config nowhere.py"),
         ("subspace_sample.py", [*sample, "--bogus", "1"], "bogus"),
         ("subspace_sample.py", sample[:-6], "--save_name"),
@@ -96,7 +102,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         # main.py
         ("main.py", [*main, "--mode", "bogus"], "--mode"),
         ("main.py", main, "--mode"),
-        ("main.py", [*main, "--mode", "eval"], "checkpoint_1.pth"),
+        ("main.py", [*main, "--mode", "eval"],
+         f"Checkpoint {out}/checkpoints/checkpoint_1.pth does not exist"),
         ("main.py", [*main, "--mode", "train", "--dist_timeout_minutes", "0"],
          "--dist_timeout_minutes"),
         ("main.py", ["--config", CONFIG, "--workdir", inside_file, "--mode", "train"],
@@ -106,7 +113,8 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("main.py", [*main, "--mode", "train", "--config", "nowhere.py"], "--config"),
         ("main.py", ["--config", CONFIG, "--workdir", str(textrun), "--mode", "train"],
          "checkpoint.pth is not a PyTorch checkpoint"),
-        ("main.py", [*main, "--mode", "eval_subspace", "--subspace", "4"], "--time"),
+        ("main.py", [*main, "--mode", "eval_subspace", "--subspace", "4"],
+         "needs --time, --ckpt_full, --ckpt_subspace"),
         ("main.py", [*subspace, "--subspace", "12"], "--subspace 12"),
         ("main.py", [*subspace, "--time", "-0.1"], "--time"),
         ("main.py", [*subspace, "--ckpt_full", str(text)], NOT_CKPT),
@@ -122,16 +130,29 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("subspace_inpainting.py", [*inpaint, "--mask", "circle"], "--mask"),
         # analysis command lines
         ("analysis.rmsd", [*rmsd, "--max_images", "0"], "--max_images"),
-        ("analysis.rmsd", [*rmsd, "--methods", "wavelet"], "--methods"),
+        ("analysis.rmsd", [*rmsd, "--methods", "wavelet"],
+         "error: --methods 'wavelet' must list some of downsample, pca, patch_pca."),
         ("analysis.rmsd", [*rmsd, "--out", "/proc/x/t.json"], "--out"),
         ("analysis.rmsd", [*rmsd, "--update_stats", "--stats_file", "/proc/x/s.json"],
          "--stats_file"),
-        ("analysis.rmsd", [*rmsd, "--config.data.image_size", "16"], "--config.data.image_size"),
+        # A subspace-size config yields D^k coordinates, not images in [0, 1].
+        ("analysis.rmsd", [*rmsd, "--config.data.image_size", "16"],
+         "set --config.data.image_size 32"),
         ("analysis.divergence", [*divergence, "--num_images", "0"], "--num_images"),
         ("analysis.divergence", [*divergence, "--t_min", "1"], "--t_min"),
         ("analysis.divergence", [*divergence, "--subspace", "12"], "--subspace 12"),
         ("analysis.divergence", [*divergence, "--checkpoint", str(text)], NOT_CKPT),
         ("analysis.divergence", [*divergence, "--out", "/proc/x/d.json"], "--out"),
+        ("analysis.divergence", [*divergence, "--checkpoint", missing],
+         f"--checkpoint: no checkpoint file at {missing}"),
+        ("analysis.divergence", [*divergence, "--dataset", "nowhere"],
+         "No RMSD statistic for dataset 'nowhere'"),
+        # analysis.cutoffs
+        ("analysis.cutoffs", [str(tmp / "missing.json"), "--thresholds", "1e-3"],
+         "python -m analysis.divergence"),
+        ("analysis.cutoffs", [str(tmp / "missing.json"), "--thresholds", "1e-3,abc"],
+         "error: --thresholds: Thresholds '1e-3,abc' are not comma-separated numbers, e.g. "
+         "1e-4,3e-3."),
         ("analysis.bands", ["--config", CONFIG, "--checkpoint", CKPT[32], "--times", "0"],
          "--times"),
         ("analysis.bands", ["--config", CONFIG, "--checkpoint", str(text)], NOT_CKPT),
@@ -235,8 +256,10 @@ def test_bad_input_to_every_entry_script(tmp_path):
     failures = []
     for (target, args, expected), result in zip(cases, results):
         lines = result["stderr"].strip().splitlines()
+        exact = expected.startswith("error: ")
         ok = (result["status"] == 1 and len(lines) == 1 and lines[0].startswith("error: ")
-              and expected in lines[0] and "Traceback" not in result["stderr"])
+              and (lines[0] == expected if exact else expected in lines[0])
+              and "Traceback" not in result["stderr"])
         if not ok:
             failures.append(f"{target} {' '.join(args[-4:])}: status {result['status']}, "
                             f"expected '{expected}', stderr {result['stderr'][-600:]!r}")
