@@ -1,17 +1,23 @@
 """Quality against cost of the samplers, full-only and with the subspace plan, on the demo models.
 
-Draws the same number of samples from the committed demo checkpoints (`assets/checkpoints/builtin`,
-sub-VP DDPM++ at 32, 16 and 8, cutoffs from their manifest) with PC (Euler-Maruyama, N = 35 to
-1000), RK45, EDM Heun (with and without churn), DPM-Solver++(2M), SDE-DPM-Solver++(2M) and DDIM
-(eta 0 and 1), each full-only and with the subspace plan 16, 8 (conditional Langevin after each
-upsampling, as the demo does), from the same prior noise, full and subspace interleaved.
-For each it records the network evaluations per size, the wall-clock seconds and the proxy FID
-with its bootstrap 95 % interval and the proxy KID against the training images
-(`evaluation.proxy_quality`), with the 1-minute load average after each row, and writes a table,
-a JSON file and a plot (proxy FID against evaluations and against seconds) to --out.
+Draws the same number of samples from the committed demo checkpoints of `--dataset` (builtin,
+the default, or mnist: `assets/checkpoints/<dataset>`, sub-VP DDPM++ at 32, 16 and 8, cutoffs
+from their manifest) with PC (Euler-Maruyama, N = 35 to 1000), RK45, EDM Heun (with and without
+churn), DPM-Solver++(2M), SDE-DPM-Solver++(2M) and DDIM (eta 0 and 1), each full-only and with
+the subspace plan 16, 8 (conditional Langevin after each upsampling, as the demo does), from the
+same prior noise (`--seed`), full and subspace interleaved.
+For each it records the network evaluations per size, the wall-clock seconds and the sample
+quality as the demo measures it (`demo_metrics.quality_entry`, bootstrap seed and resamples of
+the quick demo): proxy FID with its bootstrap 95 % interval and proxy KID against the first
+`kid_reference_images` training images, and, where the dataset's torch Inception statistics
+are committed (MNIST), Inception FID with its 95 % interval and KID (`--no_inception` skips
+them: 0.1-0.7 s per image on a laptop CPU), with the 1-minute load average after each row, and
+writes a table, a JSON file and a plot (Inception FID where measured, else proxy FID, against
+evaluations and against seconds) to --out.
 
-    python bench/bench_samplers.py --out runs/bench_samplers [--num_samples 128] [--threads 2]
-        [--only heun,dpm_solver] [--rows "PC N=100;Heun 18"] [--plans full,subspace]
+    python bench/bench_samplers.py --out runs/bench_samplers [--dataset builtin] [--num_samples 128]
+        [--threads 2] [--only heun,dpm_solver] [--rows "PC N=100;Heun 18"]
+        [--plans full,subspace] [--no_inception]
 """
 from __future__ import annotations
 
@@ -27,25 +33,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cli  # noqa: E402
 import datasets  # noqa: E402
 import evaluation  # noqa: E402
 import sde_lib  # noqa: E402
 import subspace_lib as sl  # noqa: E402
-from demo_metrics import held_out_images, training_features  # noqa: E402
+from demo_metrics import (  # noqa: E402
+    held_out_images,
+    inception_reference,
+    quality_entry,
+    training_features,
+    training_images,
+)
+from demo_report import _quality_text  # noqa: E402
 from demo_settings import (  # noqa: E402
     FULL_SIZE,
-    STATS_NAME,
+    ROOT,
     DemoSettings,
-    builtin_checkpoint_path,
+    checkpoint_path,
     demo_config,
+    plans,
     read_manifest,
 )
-from files import atomic_write, atomic_write_text
+from files import atomic_write, atomic_write_text  # noqa: E402
 from models import utils as mutils  # noqa: E402
-from models.checkpoints import load_model_weights
+from models.checkpoints import load_model_weights  # noqa: E402
 from subspace_sampling import subspace_pc_sample, subspace_solver_sample  # noqa: E402
 
 PLAN_SIZES = (16, 8)
+SUBSPACE_PLAN = "subspace 16, 8"  # the name of the plan of PLAN_SIZES in demo_settings.SAMPLERS
 # name -> (method, options): PC uses model.num_scales = N; the solvers count steps as EDM does.
 SAMPLERS = {
     "PC N=1000": ("pc", {"num_scales": 1000}),
@@ -82,7 +98,7 @@ def run_sampler(method: str, options: dict, networks: dict, plan: sl.SubspacePla
     config = demo_config(FULL_SIZE, settings, device=torch.device("cpu"))
     config.model.num_scales = options.get("num_scales", config.model.num_scales)
     sde, eps = sde_lib.get_sde(config)
-    shape = (num_samples, 3, FULL_SIZE, FULL_SIZE)
+    shape = (num_samples, config.data.num_channels, FULL_SIZE, FULL_SIZE)
     sizes = plan.sizes if plan is not None else ()
     nets = [networks[FULL_SIZE]] + [networks[s] for s in sizes]
     # Full only: a plan whose subspace level has cutoff T, so its window is empty and the full
@@ -112,31 +128,36 @@ def run_sampler(method: str, options: dict, networks: dict, plan: sl.SubspacePla
     return x, {"nfe": nfe, "seconds": seconds}
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Proxy FID (with its interval) against network evaluations and against seconds."""
+def plot(rows: list[dict], floor: dict, path: Path) -> None:
+    """FID (Inception where measured, else proxy) with its interval against network evaluations
+    and against seconds, over the held-out images' interval (the floor at this count)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    key = "fid" if "fid" in floor else "proxy_fid"
+    name = "Inception FID" if key == "fid" else "proxy FID"
+    kind = floor.get("fid_interval_kind", "bootstrap") if key == "fid" else "bootstrap"
     figure = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(figure)
-    for axis, key, label in ((figure.add_subplot(1, 2, 1), "nfe_total", "network evaluations"),
-                             (figure.add_subplot(1, 2, 2), "seconds", "wall-clock seconds")):
-        for plan, marker in (("full only", "o"), ("subspace 16, 8", "s")):
+    for axis, x_key, label in ((figure.add_subplot(1, 2, 1), "nfe_total", "network evaluations"),
+                               (figure.add_subplot(1, 2, 2), "seconds", "wall-clock seconds")):
+        axis.axhspan(*floor[f"{key}_interval"], color="0.9", label="held-out data (95 %)")
+        for plan, marker in (("full only", "o"), (SUBSPACE_PLAN, "s")):
             for row in rows:
                 if row["plan"] != plan:
                     continue
-                fid = row["proxy_fid"]
-                axis.errorbar(row[key], fid["value"], yerr=[[fid["value"] - fid["low"]],
-                                                            [fid["high"] - fid["value"]]],
+                fid, (low, high) = row[key], row[f"{key}_interval"]
+                axis.errorbar(row[x_key], fid, yerr=[[max(fid - low, 0.0)],
+                                                     [max(high - fid, 0.0)]],
                               marker=marker, color="C0" if plan == "full only" else "C1",
                               capsize=2, linestyle="none")
-                axis.annotate(row["sampler"], (row[key], fid["value"]), fontsize=6,
+                axis.annotate(row["sampler"], (row[x_key], fid), fontsize=6,
                               xytext=(3, 3), textcoords="offset points")
         axis.set_xscale("log")
         axis.set_xlabel(label)
-        axis.set_ylabel("proxy FID (95 % bootstrap interval)")
+        axis.set_ylabel(f"{name} (95 % {kind} interval)")
         axis.plot([], [], "o", color="C0", label="full only")
-        axis.plot([], [], "s", color="C1", label="subspace 16, 8")
+        axis.plot([], [], "s", color="C1", label=SUBSPACE_PLAN)
         axis.legend(fontsize=7)
     figure.tight_layout()
     with atomic_write(path, "wb") as handle:
@@ -145,29 +166,65 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The results table with the run's settings."""
-    lines = [f"Samplers on the demo checkpoints: {meta['num_samples']} samples each, seed "
-             f"{meta['seed']}, {meta['threads']} threads, {meta['machine']}; load average "
-             f"before / after: {meta['load_before']} / {meta['load_after']}. Held-out data "
-             f"score proxy FID {meta['data_proxy_fid']:.1f}, proxy KID "
-             f"{meta['data_proxy_kid']:.3f}.", "",
-             "| sampler | plan | network evals 32 / 16 / 8 | time (s) | load | proxy FID [95 % CI] "
-             "| proxy KID (s.e.) |",
-             "|---|---|---|---|---|---|---|"]
+    floor = meta["data_quality"]
+    with_inception = "fid" in floor
+    inception = meta["inception"]
+    quality_header = ("Inception FID [95 % interval] | KID x 1e3 | " if with_inception else "") \
+        + "proxy FID [95 % interval] | proxy KID x 1e3"
+    note = (f"Inception FID ({floor.get('fid_interval_kind', 'bootstrap')} interval) and KID "
+            f"against the first {inception['reference_images']} training images "
+            f"({inception['statistics']})" if with_inception
+            else f"no Inception FID ({inception['skipped'].rstrip('.')})")
+    used, total = meta["kid_reference_images"], meta["training_images"]
+    reference = (f"all {total} training images" if used >= total else
+                 f"the first {used} of the {total} training images")
+    lines = [f"Samplers on the {meta['dataset']} demo checkpoints ({meta['checkpoints']}): "
+             f"{meta['num_samples']} samples each, seed {meta['seed']}, {meta['threads']} "
+             f"threads, {meta['machine']}; load average before / after: {meta['load_before']} "
+             f"/ {meta['load_after']}. Proxy KID against {reference}; "
+             f"{note}; bootstrap {meta['bootstrap_resamples']} resamples, seed "
+             f"{meta['bootstrap_seed']}.", "",
+             f"| sampler | plan | network evals 32 / 16 / 8 | time (s) | load | {quality_header} "
+             "|",
+             "|" + "---|" * (7 + 2 * with_inception),
+             f"| held-out data ({floor['num_samples']} images) | - | - | - | - | "
+             f"{_quality_text(floor, with_inception)} |"]
     for row in rows:
-        nfe = " / ".join(str(row["nfe"].get(str(s), 0)) for s in (32, 16, 8))
-        fid = row["proxy_fid"]
-        kid = row["proxy_kid"]
+        nfe = " / ".join(str(row["nfe"].get(str(s), 0)) for s in (FULL_SIZE,) + PLAN_SIZES)
         lines.append(f"| {row['sampler']} | {row['plan']} | {nfe} | {row['seconds']:.1f} | "
-                     f"{row['load'].split()[0]} | {fid['value']:.1f} [{fid['low']:.1f}, "
-                     f"{fid['high']:.1f}] | {kid['value']:.3f} ({kid['std_error']:.3f}) |")
+                     f"{row['load'].split()[0]} | {_quality_text(row, with_inception)} |")
     return "\n".join(lines) + "\n"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages, as the rows record them."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def inception_setting(config, wanted: bool | None) -> tuple[dict | None, dict]:
+    """The dataset's torch Inception reference (`inception_reference`) when `wanted` (None: when
+    its statistics are committed), with what the results record about it; else None and why.
+    Asked for explicitly, missing statistics are an error."""
+    if wanted is False:
+        return None, {"skipped": "--no_inception"}
+    try:
+        reference = inception_reference(config)
+    except (FileNotFoundError, evaluation.StatisticsMismatchError) as error:
+        if wanted:
+            raise
+        return None, {"skipped": cli.error_sentence(error)}
+    return reference, {"statistics": str(Path(reference["path"]).resolve().relative_to(ROOT)),
+                       "reference_images": reference["num_images"],
+                       "network": reference["network"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="Folder for the table, JSON and plot.")
+    parser.add_argument("--dataset", default="builtin", help="Demo dataset whose committed "
+                        "checkpoints are sampled: builtin or mnist (demo_settings.DEMO_DATASETS).")
     parser.add_argument("--num_samples", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the prior noise.")
     parser.add_argument("--threads", type=int, default=1,
                         help="Intra-op threads (on a busy machine, 2 wait on each other).")
     parser.add_argument("--only", default="", help="Comma list of methods to run (pc, ode, "
@@ -175,28 +232,19 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="Semicolon-separated row names (see "
                         "SAMPLERS) to run; default: all rows of the --only methods.")
     parser.add_argument("--plans", default="full,subspace", help="full and/or subspace.")
+    inception = parser.add_mutually_exclusive_group()
+    inception.add_argument("--inception", dest="inception", action="store_true",
+                           help="Inception FID and KID too (an error where the dataset has no "
+                           "torch Inception statistics); default: where it has them.")
+    inception.add_argument("--no_inception", dest="inception", action="store_false",
+                           help="Proxy FID and KID only.")
+    parser.set_defaults(inception=None)
     args = parser.parse_args()
     if args.num_samples < 2:
         raise SystemExit("error: --num_samples must be at least 2 (the proxy FID needs a "
                          "covariance).")
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    settings = DemoSettings.for_mode("quick")
-    manifest = read_manifest()
-    networks = {}
-    for size in (FULL_SIZE,) + PLAN_SIZES:
-        config = demo_config(size, settings, device=torch.device("cpu"))
-        networks[size] = load_model_weights(mutils.create_model(config),
-                                            builtin_checkpoint_path(size))
-    cutoffs = tuple(float(manifest["cutoffs"]["values"][str(s)]) for s in PLAN_SIZES)
-    plan = sl.SubspacePlan.from_statistics(FULL_SIZE, PLAN_SIZES, cutoffs, STATS_NAME)
-    config = demo_config(FULL_SIZE, settings, device=torch.device("cpu"))
-    inverse_scaler = datasets.get_data_inverse_scaler(config)
-    stats = evaluation.load_dataset_stats(config, "proxy")
-    reference = training_features(config)
-    data_quality = evaluation.proxy_quality(evaluation.to_uint8_nhwc(
-        held_out_images(config, args.num_samples)), stats, reference, seed=args.seed)
-    only = {m.strip() for m in args.only.split(",") if m.strip()}
+    if args.threads < 1:
+        raise SystemExit(f"error: --threads must be at least 1; got {args.threads}.")
     chosen_rows = {r.strip() for r in args.rows.split(";") if r.strip()}
     unknown = chosen_rows - set(SAMPLERS)
     if unknown:
@@ -204,40 +252,79 @@ def main() -> None:
     chosen_plans = {p.strip() for p in args.plans.split(",") if p.strip()}
     if not chosen_plans or chosen_plans - {"full", "subspace"}:
         raise SystemExit(f"error: --plans takes full and/or subspace; got '{args.plans}'.")
-    meta = {"num_samples": args.num_samples, "seed": args.seed, "threads": args.threads,
+    only = {m.strip() for m in args.only.split(",") if m.strip()}
+    # (row name, plan name): the split of steps over stages changes nothing without stages.
+    runs = [(name, plan_name) for name, (method, options) in SAMPLERS.items()
+            if not (only and method not in only) and not (chosen_rows and name not in chosen_rows)
+            for plan_name, key in (("full only", "full"), (SUBSPACE_PLAN, "subspace"))
+            if key in chosen_plans and not (key == "full" and "split" in options)]
+    if not runs:
+        raise SystemExit(f"error: no row of --only '{args.only}', --rows '{args.rows}' and "
+                         f"--plans '{args.plans}' is left to run.")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    settings = DemoSettings.for_mode("quick", args.dataset)
+    data = settings.data
+    manifest = read_manifest(data.name)
+    cutoff_of = {s: float(manifest["cutoffs"]["values"][str(s)]) for s in PLAN_SIZES}
+    plan = None
+    if "subspace" in chosen_plans:
+        _, skipped = plans(cutoff_of)
+        if SUBSPACE_PLAN in skipped:
+            raise SystemExit(f"error: the {data.name} checkpoints' manifest has no {SUBSPACE_PLAN}"
+                             f" plan ({skipped[SUBSPACE_PLAN]}); run with --plans full.")
+        plan = sl.SubspacePlan.from_statistics(FULL_SIZE, PLAN_SIZES,
+                                               tuple(cutoff_of[s] for s in PLAN_SIZES),
+                                               data.stats_name)
+    networks = {}
+    for size in (FULL_SIZE,) + PLAN_SIZES:
+        config = demo_config(size, settings, device=torch.device("cpu"))
+        networks[size] = load_model_weights(mutils.create_model(config),
+                                            checkpoint_path(size, data.name))
+    config = demo_config(FULL_SIZE, settings, device=torch.device("cpu"))
+    inverse_scaler = datasets.get_data_inverse_scaler(config)
+    inception, inception_info = inception_setting(config, args.inception)
+    stats = evaluation.load_dataset_stats(config, "proxy")
+    train_uint8 = training_images(config)
+    reference = training_features(config, train_uint8[: settings.kid_reference_images])
+    data_quality = quality_entry(evaluation.to_uint8_nhwc(
+        held_out_images(config, args.num_samples)), stats, reference, settings,
+        inception)
+    meta = {"dataset": data.name, "checkpoints": str(data.checkpoints.relative_to(ROOT)),
+            "num_samples": args.num_samples, "seed": args.seed, "threads": args.threads,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"torch {torch.__version__}",
-            "load_before": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-            "plan": plan.describe(), "data_proxy_fid": data_quality["fid"]["value"],
-            "data_proxy_kid": data_quality["kid"]["value"]}
+            "load_before": load_average(),
+            "plan": plan.describe() if plan is not None else None,
+            "bootstrap_resamples": settings.bootstrap_resamples,
+            "bootstrap_seed": settings.seed, "training_images": int(len(train_uint8)),
+            "kid_reference_images": int(len(reference)), "inception": inception_info,
+            "data_quality": data_quality}
+    columns = ("Inception FID [95 %] | KID x 1e3 | " if inception is not None else "") + \
+        "proxy FID [95 %] | proxy KID x 1e3"
+    print(f"{data.name} checkpoints, {len(runs)} rows; columns {columns}"
+          + ("" if inception is not None else f" (no Inception: {inception_info['skipped']})")
+          + f"\nheld-out data {_quality_text(data_quality, inception is not None)}", flush=True)
     rows = []
-    for name, (method, options) in SAMPLERS.items():
-        if (only and method not in only) or (chosen_rows and name not in chosen_rows):
-            continue
-        for plan_name, chosen in (("full only", None), ("subspace 16, 8", plan)):
-            if ("full" if chosen is None else "subspace") not in chosen_plans:
-                continue
-            if chosen is None and "split" in options:
-                continue  # the split of steps over stages changes nothing without stages
-            x, info = run_sampler(method, options, networks, chosen, args.num_samples,
-                                  args.seed, settings)
-            uint8 = evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1))
-            quality = evaluation.proxy_quality(uint8, stats, reference, seed=args.seed)
-            fid, kid = quality["fid"], quality["kid"]
-            row = {"sampler": name, "plan": plan_name, **info,
-                   "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-                   "nfe_total": sum(info["nfe"].values()), "proxy_fid": fid, "proxy_kid": kid}
-            rows.append(row)
-            print(f"{name:22s} {plan_name:15s} nfe {info['nfe']} {info['seconds']:.1f} s "
-                  f"proxy FID {fid['value']:.1f} [{fid['low']:.1f}, {fid['high']:.1f}] KID "
-                  f"{kid['value']:.3f} +- {kid['std_error']:.3f} load {row['load']}", flush=True)
-    meta["load_after"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    for name, plan_name in runs:
+        method, options = SAMPLERS[name]
+        x, info = run_sampler(method, options, networks,
+                              None if plan_name == "full only" else plan, args.num_samples,
+                              args.seed, settings)
+        uint8 = evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1))
+        quality = quality_entry(uint8, stats, reference, settings, inception)
+        row = {"sampler": name, "plan": plan_name, **info, "load": load_average(),
+               "nfe_total": sum(info["nfe"].values()), **quality}
+        rows.append(row)
+        print(f"{name:22s} {plan_name:15s} nfe {info['nfe']} {info['seconds']:.1f} s "
+              f"{_quality_text(row, inception is not None)} load {row['load']}", flush=True)
+    meta["load_after"] = load_average()
     atomic_write_text(out / "bench_samplers.md", markdown(rows, meta))
     atomic_write_text(out / "bench_samplers.json",
                       json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, out / "bench_samplers.png")
+    plot(rows, data_quality, out / "bench_samplers.png")
     print(f"Wrote {out / 'bench_samplers.md'}, .json and .png.")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_entry_point(main)
