@@ -44,6 +44,9 @@ flags.DEFINE_string("inception_path", None, "Local copy of the TF-Hub Inception 
 flags.DEFINE_integer("batch_size", None, "Images per torch Inception batch (default: "
                      "evaluation.TORCH_INCEPTION_BATCH).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("float16", False, "Store Inception features as float16 (half the size; "
+                  "FID moves by less than 0.01, docs/mnist.md): the compact form of committed "
+                  "statistics.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -144,6 +147,15 @@ def compute_stats(config, split: str, features: str, max_images: int | None = No
     return {**stats, evaluation.FEATURE_NETWORK_KEY: np.asarray(name), **meta}
 
 
+def compact_features(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The statistics with their per-image feature arrays stored as float16 (the compact form
+    of committed reference features; FID and KID convert them back to float64)."""
+    import evaluation
+
+    keys = (evaluation.INCEPTION_FINAL_POOL, evaluation.INCEPTION_OUTPUT)
+    return {k: (v.astype(np.float16) if k in keys else v) for k, v in stats.items()}
+
+
 def _run() -> None:
     """Compute the statistics the flags ask for and write them atomically."""
     import evaluation
@@ -152,6 +164,9 @@ def _run() -> None:
     config = FLAGS.config
     cli.check_range(FLAGS.max_images, "--max_images", low=2)
     cli.check_range(FLAGS.batch_size, "--batch_size", low=1)
+    if FLAGS.float16 and FLAGS.features != "inception":
+        cli.fail("--float16 applies to Inception features only (proxy statistics are a mean "
+                 "and a covariance): drop it or use --features inception.")
     if FLAGS.out is not None:  # before any network is loaded
         cli.check_writable(FLAGS.out, "--out", is_dir=False)
     try:
@@ -172,6 +187,8 @@ def _run() -> None:
             message += (": install requirements-tf.txt (TensorFlow datasets, TF-Hub's "
                         "Inception), or use --inception torch or --features proxy.")
         raise cli.ReportableError(message) from None
+    if FLAGS.float16:
+        stats = compact_features(stats)
     atomic_numpy_save(out, **stats)
     print(f"Wrote {out} ({int(stats['num_images'])} images, {FLAGS.split} split, "
           f"{stats[evaluation.FEATURE_NETWORK_KEY]}).")

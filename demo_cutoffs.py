@@ -17,18 +17,20 @@ import subspace_lib as sl
 from analysis import cutoffs as cutoff_lib
 from analysis.divergence import default_times, fisher_divergence
 from analysis.rmsd import rmsd_table
-from demo_settings import FULL_SIZE, STATS_NAME, SUBSPACE_SIZES, DemoSettings
+from demo_settings import FULL_SIZE, SUBSPACE_SIZES, DemoSettings
 from files import atomic_write_text
 from models import utils as mutils
 
 
-def compute_rmsd(config, workdir: Path, progress: bool) -> tuple[dict[int, float], Path]:
-    """Downsampling RMSD r_k of the built-in training images (pixels in [0,1]) for 16 and 8,
-    written to `workdir/subspace_rmsd.json` (the statistics file the plans of this run read)."""
+def compute_rmsd(config, workdir: Path, progress: bool, stats_name: str
+                 ) -> tuple[dict[int, float], Path]:
+    """Downsampling RMSD r_k of the configured training images (pixels in [0,1]) for 16 and 8,
+    written under `stats_name` to `workdir/subspace_rmsd.json` (the statistics file the plans
+    of this run read)."""
     train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
     table = rmsd_table(train_ds, SUBSPACE_SIZES, methods=("downsample",), progress=progress)
     values = {int(s): float(r) for s, r in table["rmsd"]["downsample"].items()}
-    path = sl.write_rmsd(STATS_NAME, FULL_SIZE, values, workdir / "subspace_rmsd.json")
+    path = sl.write_rmsd(stats_name, FULL_SIZE, values, workdir / "subspace_rmsd.json")
     return values, path
 
 

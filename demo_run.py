@@ -27,30 +27,38 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import evaluation
 import run_lib
 import sde_lib
 from demo_cutoffs import compute_rmsd, divergence_and_cutoffs
-from demo_metrics import bits_per_dim, held_out_images, quality_entry, training_features
+from demo_metrics import (
+    bits_per_dim,
+    held_out_images,
+    inception_reference,
+    memorisation_entry,
+    nearest_training_images,
+    quality_entry,
+    training_features,
+    training_images,
+)
 from demo_report import (
     panel_title,
     results_markdown,
+    save_nearest_figure,
     save_quality_cost_figure,
     save_sample_figure,
 )
 from demo_sampling import ForwardTimer, draw_samples, machine_info, speedups, warn_if_busy
 from demo_settings import (
-    BUILTIN_CHECKPOINTS,
-    CONFIG_MODULE,
-    DEMO_ASSETS,
     FULL_SIZE,
     MANIFEST_NAME,
-    STATS_NAME,
+    ROOT,
     SUBSPACE_SIZES,
     DemoSettings,
-    builtin_checkpoint_path,
+    checkpoint_path,
     demo_config,
     plans,
     read_manifest,
@@ -69,7 +77,7 @@ from models.subspace_model import build_subspace_model
 logger = logging.getLogger(__name__)
 
 
-def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: bool = False,
+def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_committed: bool = False,
              export_assets: bool = False, progress: bool = True,
              device: torch.device | None = None) -> dict:
     """Run the demo in `workdir` and return the results (also written as results.json/.md)."""
@@ -79,11 +87,12 @@ def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     phases: dict[str, float] = {}
     results: dict = {"mode": settings.mode, "machine": machine_info(),
-                     "settings": {**dataclasses.asdict(settings), "config": CONFIG_MODULE}}
+                     "settings": {**dataclasses.asdict(settings),
+                                  "config": settings.data.config_module}}
     warn_if_busy(results["machine"])
 
     began = time.perf_counter()
-    models = obtain_models(settings, workdir, device, reuse_builtin, progress)
+    models = obtain_models(settings, workdir, device, reuse_committed, progress)
     phases["training"] = time.perf_counter() - began
     results["training"] = {str(s): {k: (str(v) if isinstance(v, Path) else v)
                                     for k, v in info.items() if k != "config"}
@@ -93,7 +102,7 @@ def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: 
 
     print("== RMSD of the training images to the 16x16 and 8x8 subspaces", flush=True)
     began = time.perf_counter()
-    rmsd, stats_path = compute_rmsd(config, workdir, progress)
+    rmsd, stats_path = compute_rmsd(config, workdir, progress, settings.data.stats_name)
     phases["statistics"] = time.perf_counter() - began
     results["rmsd"] = {str(k): v for k, v in rmsd.items()}
 
@@ -106,7 +115,7 @@ def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: 
         results["divergence"] = div
         results["cutoffs"] = {"rule": div["rule"], "values": div["cutoffs"]}
     else:
-        manifest = read_manifest()
+        manifest = read_manifest(settings.dataset)
         results["cutoffs"] = {"rule": "from the committed run: " + manifest["cutoffs"]["rule"],
                               "values": manifest["cutoffs"]["values"]}
     cutoffs = {int(s): float(t) for s, t in results["cutoffs"]["values"].items()}
@@ -138,29 +147,31 @@ def run_demo(settings: DemoSettings, workdir: str | os.PathLike, reuse_builtin: 
 
 
 def obtain_models(settings: DemoSettings, workdir: Path, device: torch.device,
-                  reuse_builtin: bool, progress: bool) -> dict[int, dict]:
+                  reuse_committed: bool, progress: bool) -> dict[int, dict]:
     """Per size: the checkpoint to use, its config, and where it came from.
 
-    With `reuse_builtin`, or in a mode that does not train, the committed weights are used.
+    With `reuse_committed`, or in a mode that does not train, the committed weights of the
+    run's dataset are used.
     Otherwise a finished run in `workdir/models/size_S` is reused, or the model is trained with
     `run_lib.train` (which resumes an interrupted run of the same workdir), timed.
     """
-    use_builtin = not settings.train or reuse_builtin
-    if not use_builtin:
+    use_committed = not settings.train or reuse_committed
+    if not use_committed:
         _check_workdir(workdir, settings)
     models = {}
     for size in (FULL_SIZE,) + SUBSPACE_SIZES:
         config = demo_config(size, settings, device)
         run_dir = workdir / "models" / f"size_{size}"
         final = run_dir / "checkpoints" / "checkpoint_1.pth"
-        builtin = builtin_checkpoint_path(size)
-        if use_builtin:
-            if not builtin.is_file():
+        committed = checkpoint_path(size, settings.dataset)
+        if use_committed:
+            if not committed.is_file():
                 raise FileNotFoundError(
-                    f"Committed checkpoint {builtin} does not exist: train the models with "
-                    "`python demo.py --mode full` (add --export_assets to commit them).")
-            models[size] = {"checkpoint": builtin,
-                            "source": "committed (assets/checkpoints/builtin)"}
+                    f"Committed checkpoint {committed} does not exist: train the models with "
+                    f"`python demo.py --mode full --dataset {settings.dataset}` (add "
+                    "--export_assets to commit them).")
+            models[size] = {"checkpoint": committed, "source": "committed (assets/checkpoints/"
+                                                                f"{settings.dataset})"}
         elif final.is_file():
             models[size] = {"checkpoint": final, "source": f"reused from {run_dir}"}
         else:
@@ -187,15 +198,25 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
     """Every sampler at N = num_steps (the table) and at each N of the quality-against-cost
     curve, interleaved (N outer, then batch, then sampler) so that a change of machine load
     hits every sampler alike; proxy FID with bootstrap interval and proxy KID of each, and of
-    as many held-out images (the floor); the per-evaluation cost of each network, timed
-    inside the samplers' calls; the grids and figures. Returns the results entries."""
+    as many held-out images (the floor), and for the table's rows Inception FID and KID where
+    the dataset's statistics are committed, and each image's distance to its nearest training
+    image (memorisation); the per-evaluation cost of each network, timed inside the samplers'
+    calls; the grids and figures. Returns the results entries."""
     # The cost of one evaluation of each network is timed inside the samplers' own calls, so
     # that it sees the inputs and the machine as they did.
     timer = ForwardTimer({s: networks[s] for s in (FULL_SIZE,) + SUBSPACE_SIZES})
     proxy_stats = evaluation.load_dataset_stats(config, "proxy")
-    reference = training_features(config)
+    train_uint8 = training_images(config)
+    reference = training_features(config, train_uint8[: settings.kid_reference_images])
+    inception, inception_info = _inception_reference(config, settings)
     held_out = held_out_images(config, settings.num_samples)
-    floor = quality_entry(evaluation.to_uint8_nhwc(held_out), proxy_stats, reference, settings)
+    held_uint8 = evaluation.to_uint8_nhwc(held_out)
+    print("== quality of the held-out images (the floor)", flush=True)
+    floor = quality_entry(held_uint8, proxy_stats, reference, settings, inception)
+    floor_distances, floor_nearest = nearest_training_images(held_uint8, train_uint8)
+    floor["memorisation"] = memorisation_entry(floor_distances, floor_distances)
+    nearest_panels = [_nearest_panel("held-out test images", held_uint8, floor_distances,
+                                     floor_nearest, train_uint8, settings)]
     chosen, skipped = plans(cutoffs)
     samplers: dict[str, dict] = {}
     curve: dict[str, dict[str, dict]] = {name: {} for name in chosen}
@@ -208,11 +229,17 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
                                  num_steps, progress, timer=timer)
         for name, sizes in chosen.items():
             uint8, info = drawn[name]
-            info.update(quality_entry(uint8, proxy_stats, reference, settings))
+            table_row = num_steps == settings.num_steps
+            info.update(quality_entry(uint8, proxy_stats, reference, settings,
+                                      inception if table_row else None))
             curve[name][str(num_steps)] = {k: info[k] for k in (
                 "nfe", "seconds", "proxy_fid", "proxy_fid_interval", "proxy_kid",
                 "proxy_kid_std_error")}
-            if num_steps == settings.num_steps:
+            if table_row:
+                distances, nearest = nearest_training_images(uint8, train_uint8)
+                info["memorisation"] = memorisation_entry(distances, floor_distances)
+                nearest_panels.append(_nearest_panel(name, uint8, distances, nearest,
+                                                     train_uint8, settings))
                 atomic_numpy_save(workdir / "samples" / f"{_slug(name)}.npz", samples=uint8)
                 info["cutoffs"] = {str(s): cutoffs[s] for s in sizes}
                 info["network_cost"] = timer.costs(settings.sample_batch, (name, num_steps))
@@ -228,18 +255,48 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
                 n * costs[size]["seconds"] for size, n in point["nfe"].items()) \
                 / costs[str(FULL_SIZE)]["seconds"]
 
-    panels = [(f"held-out data\nproxy FID {floor['proxy_fid']:.1f}",
-               held_out[: settings.grid_samples])]
+    panels = [(panel_title("held-out data", floor), held_out[: settings.grid_samples])]
     for name, info in samplers.items():
         grid = images[name][: settings.grid_samples]
         panels.append((panel_title(name, info), grid))
         save_image_grid(grid, workdir / "samples" / f"{_slug(name)}.png")
     save_sample_figure(panels, workdir / "samples.png")
+    save_nearest_figure(nearest_panels, workdir / "nearest.png")
     if len(settings.curve_steps) > 1:
         save_quality_cost_figure(curve, floor, workdir / "quality_cost.png")
     return {"network_cost": costs, "samplers": samplers, "skipped_samplers": skipped,
             "data_proxy_fid": floor["proxy_fid"], "data_quality": floor,
-            "quality_cost": curve}
+            "quality_cost": curve, "inception": inception_info,
+            "proxy_stats": _repo_relative(evaluation.dataset_stats_path(config, "proxy")),
+            "training_images": int(len(train_uint8))}
+
+
+def _inception_reference(config, settings: DemoSettings) -> tuple[dict | None, dict]:
+    """The dataset's torch Inception reference (`inception_reference`) when the settings ask
+    for Inception metrics and it is committed, with what the results record about it; else
+    None and why."""
+    if not settings.inception:
+        return None, {"skipped": "not asked for in this mode"}
+    try:
+        reference = inception_reference(config)
+    except (FileNotFoundError, evaluation.StatisticsMismatchError) as error:
+        return None, {"skipped": str(error)}
+    return reference, {"statistics": _repo_relative(reference["path"]),
+                       "reference_images": reference["num_images"],
+                       "network": reference["network"]}
+
+
+def _repo_relative(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def _nearest_panel(name: str, images: np.ndarray, distances: np.ndarray, nearest: np.ndarray,
+                   training: np.ndarray, settings: DemoSettings) -> tuple:
+    """The `nearest_panel` images of a set closest to a training image, their nearest
+    training images and distances (a panel of nearest.png)."""
+    order = np.argsort(distances)[: settings.nearest_panel]
+    return name, images[order], training[nearest[order]], distances[order]
 
 
 def likelihood_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[int, float],
@@ -253,7 +310,7 @@ def likelihood_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict
         if sizes:
             model = build_subspace_model(config, sde, networks[FULL_SIZE],
                                          [networks[s] for s in sizes], sizes,
-                                         [cutoffs[s] for s in sizes], STATS_NAME,
+                                         [cutoffs[s] for s in sizes], settings.data.stats_name,
                                          stats_path).eval()
         else:
             model = networks[FULL_SIZE]
@@ -301,28 +358,35 @@ def _json_default(value):
     raise TypeError(f"Cannot write {type(value).__name__} to JSON.")
 
 
-def export(results: dict, models: dict[int, dict], workdir: Path,
-           folder: Path = BUILTIN_CHECKPOINTS, assets: Path = DEMO_ASSETS) -> None:
+def export(results: dict, models: dict[int, dict], workdir: Path, folder: Path | None = None,
+           assets: Path | None = None) -> None:
     """Copy the EMA weights (bare state dicts), their manifest, and the results table and
-    figures of this run into the repository's assets."""
+    figures of this run into the repository's assets (default: the committed checkpoints and
+    results folders of the run's dataset)."""
     import shutil
 
+    settings = results["settings"]
+    data = DemoSettings.for_mode("full", settings["dataset"]).data
+    folder = data.checkpoints if folder is None else Path(folder)
+    assets = data.assets if assets is None else Path(assets)
     if results["mode"] != "full":
         raise ValueError("Only a full-mode run may replace the committed assets: run "
                          "`python demo.py --mode full --export_assets`.")
+    folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for size, info in models.items():
-        out = export_ema_weights(info["checkpoint"], info["config"], builtin_checkpoint_path(
-            size, folder))
+        out = export_ema_weights(info["checkpoint"], info["config"],
+                                 checkpoint_path(size, data.name, folder))
         files[str(size)] = {"file": out.name, "sha256": _sha256(out),
                             "bytes": out.stat().st_size, "source": info["source"],
                             "steps": info.get("steps")}
-    manifest = {"config": CONFIG_MODULE, "command": "python demo.py --mode full --export_assets",
-                "training": results["settings"]["train_steps"], "files": files,
+    manifest = {"config": data.config_module, "dataset": data.name,
+                "command": f"python demo.py --mode full --dataset {data.name} --export_assets",
+                "training": settings["train_steps"], "files": files,
                 "cutoffs": results["cutoffs"], "rmsd": results["rmsd"]}
     atomic_write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     assets.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", "results.md", "samples.png", "divergence.png",
+    for name in ("results.json", "results.md", "samples.png", "nearest.png", "divergence.png",
                  "quality_cost.png"):
         if (workdir / name).is_file():
             with atomic_write(assets / name, "wb") as handle:

@@ -19,7 +19,7 @@ import evaluation
 import sampling
 import sde_lib
 import subspace_lib as sl
-from demo_settings import FULL_SIZE, STATS_NAME, DemoSettings
+from demo_settings import FULL_SIZE, DemoSettings
 from models import utils as mutils
 from subspace_sampling import StageReport, subspace_pc_sample
 
@@ -101,7 +101,7 @@ def sample_full_only(full_net, config, batch: int, num_steps: int, seed: int, pr
     sde, eps = sde_with_steps(config, num_steps)
     device = config.device
     score_fn = mutils.get_score_fn(sde, full_net, train=False, continuous=True)
-    noise = sampling.CommonNoise(seed, (batch, 3, FULL_SIZE, FULL_SIZE))
+    noise = sampling.CommonNoise(seed, (batch, config.data.num_channels, FULL_SIZE, FULL_SIZE))
     torch.manual_seed(seed)
     began = time.perf_counter()
     cpu0 = time.process_time()
@@ -125,10 +125,11 @@ def sample_subspace(networks: dict[int, torch.nn.Module], config, sizes: Sequenc
     (`sampling.CommonNoise`), its upsampling and Langevin noise its own."""
     sde, eps = sde_with_steps(config, num_steps)
     plan = sl.SubspacePlan.from_statistics(FULL_SIZE, tuple(sizes),
-                                           tuple(cutoffs[s] for s in sizes), STATS_NAME,
+                                           tuple(cutoffs[s] for s in sizes),
+                                           settings.data.stats_name,
                                            stats_path)
     nets = [networks[FULL_SIZE]] + [networks[s] for s in sizes]
-    shape = (batch, 3, FULL_SIZE, FULL_SIZE)
+    shape = (batch, config.data.num_channels, FULL_SIZE, FULL_SIZE)
     noise = sampling.CommonNoise(seed, shape)
     prior = noise.prior(plan.halvings_of(plan.num_levels))
     torch.manual_seed(seed)

@@ -50,9 +50,8 @@ import subspace_lib as sl  # noqa: E402
 from demo_metrics import first_images, held_out_images, training_features  # noqa: E402
 from demo_settings import (  # noqa: E402
     FULL_SIZE,
-    STATS_NAME,
     DemoSettings,
-    builtin_checkpoint_path,
+    checkpoint_path,
     demo_config,
     read_manifest,
 )
@@ -81,7 +80,7 @@ def load_networks(settings: DemoSettings) -> dict[int, torch.nn.Module]:
         config.sampling.precision = "auto"
         config.model.memory_format = "auto"
         networks[size] = load_model_weights(mutils.create_model(config),
-                                            builtin_checkpoint_path(size)).eval()
+                                            checkpoint_path(size, "builtin")).eval()
     return networks
 
 
@@ -271,11 +270,11 @@ def main() -> None:
             raise SystemExit(f"error: --{flag} '{getattr(args, flag)}' is not a row of "
                              f"bench/bench_samplers.py; choose from {list(SAMPLERS)}.")
     torch.set_num_threads(args.threads)
-    settings = DemoSettings.for_mode("quick")
+    settings = DemoSettings.for_mode("quick", "builtin")
     networks = load_networks(settings)
-    manifest = read_manifest()
+    manifest = read_manifest("builtin")
     cutoffs = tuple(float(manifest["cutoffs"]["values"][str(s)]) for s in PLAN_SIZES)
-    plan = sl.SubspacePlan.from_statistics(FULL_SIZE, PLAN_SIZES, cutoffs, STATS_NAME)
+    plan = sl.SubspacePlan.from_statistics(FULL_SIZE, PLAN_SIZES, cutoffs, "builtin")
     config = demo_config(FULL_SIZE, settings, device=torch.device("cpu"))
     inverse_scaler = datasets.get_data_inverse_scaler(config)
     stats = evaluation.load_dataset_stats(config, "proxy")

@@ -1,5 +1,6 @@
-"""The laptop demo: the smoke mode end to end, the cutoff rule, the committed checkpoints, the
-layering of its modules."""
+"""The laptop demo: the smoke mode end to end on MNIST (Inception and proxy metrics, the
+memorisation check), the cutoff rule, the committed checkpoints of both datasets, the layering
+of its modules."""
 import dataclasses
 import json
 import math
@@ -21,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One smoke-mode run (a few training steps per model), shared by the tests below."""
+    """One smoke-mode run on MNIST (a few training steps per model), shared by the tests
+    below."""
     workdir = tmp_path_factory.mktemp("demo_smoke")
-    settings = demo_settings.DemoSettings.for_mode("smoke")
+    settings = demo_settings.DemoSettings.for_mode("smoke", "mnist")
     results = demo_run.run_demo(settings, workdir, progress=False,
                                 device=torch.device("cpu"))
     return workdir, settings, results
@@ -41,6 +43,8 @@ def test_smoke_writes_the_table_and_the_figure(smoke):
     table = (workdir / "results.md").read_text()
     assert "NOT the paper's Inception FID" in table and "Machine:" in table
     assert "| full only | 25 / 0 / 0 |" in table and "| held-out data (8 images) |" in table
+    assert "Inception FID [95 % interval] | KID x 1e3 | proxy FID" in table
+    assert "Memorisation check" in table and "| full only (8) |" in table
     # One table row per sampler, one curve row per sampler and N, then the claims.
     assert table.count("| subspace 16 | ") == 1 + len(settings.curve_steps)
     assert "Claims of the demo, as measured in this run:" in table
@@ -54,9 +58,58 @@ def test_smoke_writes_the_table_and_the_figure(smoke):
         with Image.open(workdir / "samples" / f"{name}.png") as grid:
             assert grid.format == "PNG"
         samples = np.load(workdir / "samples" / f"{name}.npz")["samples"]
-        assert samples.shape == (settings.num_samples, 32, 32, 3) and samples.dtype == np.uint8
-    for name in ("divergence.png", "divergence.json", "subspace_rmsd.json"):
+        assert samples.shape == (settings.num_samples, 32, 32, 1) and samples.dtype == np.uint8
+    for name in ("divergence.png", "divergence.json", "subspace_rmsd.json", "nearest.png"):
         assert (workdir / name).is_file()
+    assert saved["rmsd"] == pytest.approx({"16": 0.12967, "8": 0.18726}, abs=1e-5)
+
+
+def test_smoke_inception_and_memorisation(smoke):
+    _, settings, results = smoke
+    info = results["inception"]
+    assert info["reference_images"] == 2000 and info["network"].startswith("torch-inception")
+    rows = [results["data_quality"], *results["samplers"].values()]
+    for entry in rows:
+        low, high = entry["fid_interval"]
+        assert 0 <= low <= entry["fid"] <= high and entry["fid_interval_kind"] == "half-sample"
+        assert math.isfinite(entry["kid"]) and entry["kid_std_error"] > 0
+        memo = entry["memorisation"]
+        assert memo["images"] == settings.num_samples
+        quantiles = list(memo["quantiles"].values())
+        assert quantiles == sorted(quantiles) and quantiles[0] > 0
+    # The held-out images against themselves: the 1 % quantile of 8 values lies between the
+    # two smallest, so exactly one image is below it.
+    assert results["data_quality"]["memorisation"]["share_below_test_q01"] == 1 / 8
+    # Curve points other than the table's N carry no Inception metric (its cost).
+    for curve in results["quality_cost"].values():
+        assert all("fid" not in point for point in curve.values())
+    # Untrained networks draw noise, far from every digit; the test digits are not.
+    assert results["samplers"]["full only"]["fid"] > 3 * results["data_quality"]["fid"]
+
+
+def test_nearest_training_images_finds_copies_and_their_index():
+    rng = np.random.default_rng(0)
+    training = rng.integers(0, 256, (50, 8, 8, 1), dtype=np.uint8)
+    copies = training[[7, 3, 41]]
+    distances, indices = demo_metrics.nearest_training_images(copies, training, batch=2)
+    assert list(indices) == [7, 3, 41] and np.allclose(distances, 0, atol=1e-3)
+    # One pixel moved by 51 levels (0.2): the distance is 0.2, to the same training image.
+    moved = copies.copy()
+    moved[:, 0, 0, 0] = np.where(moved[:, 0, 0, 0] > 127, moved[:, 0, 0, 0] - 51,
+                                 moved[:, 0, 0, 0] + 51)
+    distances, indices = demo_metrics.nearest_training_images(moved, training)
+    assert list(indices) == [7, 3, 41] and np.allclose(distances, 0.2, atol=1e-3)
+    # Brute force over the float images for unrelated queries.
+    queries = rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    distances, indices = demo_metrics.nearest_training_images(queries, training)
+    brute = np.linalg.norm(queries.reshape(5, 1, -1) / 255.0
+                           - training.reshape(1, 50, -1) / 255.0, axis=2)
+    assert list(indices) == list(brute.argmin(axis=1))
+    assert np.allclose(distances, brute.min(axis=1), atol=1e-4)
+    memo = demo_metrics.memorisation_entry(np.array([0.0, 1.5, 2.0, 3.0]),
+                                           np.linspace(1.0, 5.0, 101))
+    assert memo["quantiles"]["0"] == 0.0 and memo["quantiles"]["0.5"] == 1.75
+    assert memo["share_below_test_q01"] == 0.25  # only the copy is closer than 1.04
 
 
 def test_smoke_evaluation_split_at_the_same_n(smoke):
@@ -107,7 +160,7 @@ def test_smoke_evaluation_split_at_the_same_n(smoke):
     assert results["quality_cost"]["full only"][str(n)]["full_equivalent_evals"] == \
         pytest.approx(n)
     checks = demo_metrics.claim_checks(results)
-    assert [c["claim"] for c in checks][0] == "full-only proxy FID <= 2x held-out floor"
+    assert [c["claim"] for c in checks][0] == "full-only Inception FID <= 3x held-out floor"
     assert len(checks) == 1 + 3 * 2  # per subspace sampler: quality, speed-up, bits/dim
 
 
@@ -148,7 +201,8 @@ def test_exported_weights_load_strictly_and_match_the_ema(smoke, tmp_path):
     assert out.stat().st_size < checkpoint.stat().st_size / 2
     exported = load_model_weights(mutils.create_model(config), out)
     original = load_model_weights(mutils.create_model(config), checkpoint, use_ema=True)
-    x, labels = torch.randn(2, 3, 16, 16), torch.tensor([100.0, 900.0])
+    x = torch.randn(2, config.data.num_channels, 16, 16)
+    labels = torch.tensor([100.0, 900.0])
     with torch.no_grad():
         torch.testing.assert_close(exported(x, labels), original(x, labels), rtol=0, atol=0)
 
@@ -192,19 +246,21 @@ def test_nested_plan_needs_increasing_cutoffs():
     assert len(chosen) == 3 and not skipped
 
 
-def test_committed_checkpoints_and_results(tmp_path):
-    manifest_path = demo_settings.BUILTIN_CHECKPOINTS / demo_settings.MANIFEST_NAME
+@pytest.mark.parametrize("dataset", sorted(demo_settings.DEMO_DATASETS))
+def test_committed_checkpoints_and_results(dataset, tmp_path):
+    data = demo_settings.demo_dataset(dataset)
+    manifest_path = data.checkpoints / demo_settings.MANIFEST_NAME
     if not manifest_path.is_file():
-        pytest.skip("no committed demo checkpoints (run `python demo.py --mode full "
-                    "--export_assets`)")
-    manifest = demo_settings.read_manifest()
+        pytest.skip(f"no committed {dataset} demo checkpoints (run `python demo.py --mode full "
+                    f"--dataset {dataset} --export_assets`)")
+    manifest = demo_settings.read_manifest(dataset)
     total = 0
     for entry in manifest["files"].values():
-        path = demo_settings.BUILTIN_CHECKPOINTS / entry["file"]
+        path = data.checkpoints / entry["file"]
         assert demo_run._sha256(path) == entry["sha256"]
         total += path.stat().st_size
     assert total < 8 * 2**20
-    committed = json.loads((demo_settings.DEMO_ASSETS / "results.json").read_text())
+    committed = json.loads((data.assets / "results.json").read_text())
     assert committed["mode"] == "full" and committed["cutoffs"] == manifest["cutoffs"]
     n = committed["settings"]["num_steps"]
     full = committed["samplers"]["full only"]["nfe"]["32"]
@@ -214,7 +270,8 @@ def test_committed_checkpoints_and_results(tmp_path):
     assert all(math.isfinite(b["bpd"]) for b in committed["bpd"].values())
     # The quick mode's path on 4 samples: committed weights (strict), manifest cutoffs. N stays
     # at the committed value (the networks hold a buffer of N noise levels).
-    settings = dataclasses.replace(demo_settings.DemoSettings.for_mode("quick"), num_samples=4,
+    settings = dataclasses.replace(demo_settings.DemoSettings.for_mode("quick", dataset),
+                                   num_samples=4,
                                    grid_samples=4)
     results = demo_run.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
     assert results["cutoffs"]["values"] == manifest["cutoffs"]["values"]

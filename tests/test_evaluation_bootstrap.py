@@ -63,3 +63,47 @@ def test_proxy_quality_of_data_against_itself():
                                    kid_block_size=100)
     assert far["fid"]["low"] > same["fid"]["high"]
     assert far["kid"]["value"] > same["kid"]["value"] + 10 * far["kid"]["std_error"]
+
+
+def test_low_rank_frechet_distance_equals_the_full_one():
+    """Fewer samples than dimensions: the n x n eigenvalue form equals the d x d one."""
+    rng = np.random.default_rng(2)
+    reference = rng.standard_normal((300, 48)) @ rng.standard_normal((48, 48)) * 0.3
+    mu, sigma = evaluation.gaussian_statistics(reference)
+    root = evaluation.symmetric_matrix_sqrt(sigma)
+    for n in (5, 20, 47):
+        features = rng.standard_normal((n, 48)) @ rng.standard_normal((48, 48)) * 0.3 + 0.2
+        full = evaluation.frechet_distance(*evaluation.gaussian_statistics(features), mu, sigma)
+        low = evaluation.low_rank_frechet_distance(features, mu, sigma, features @ root)
+        assert low == pytest.approx(full, rel=1e-7)
+
+
+def test_interval_with_fewer_samples_than_dimensions_contains_the_estimate():
+    """n < d: a bootstrap resample's FID is biased far above the estimate (its covariance has
+    ~63 % of the rank), so the basic interval falls below the estimate; "auto" takes the
+    half-sample one, centred on it, whose width is that of the spread of FID over independent
+    sample sets, on the wide side."""
+    rng = np.random.default_rng(0)
+    dim, n = 64, 40
+    mixing = rng.standard_normal((dim, dim)) / np.sqrt(dim)
+
+    def draw(count: int) -> np.ndarray:
+        return rng.standard_normal((count, dim)) @ mixing
+
+    stats = dict(zip(("mu", "sigma"), evaluation.gaussian_statistics(draw(4000))))
+    features = draw(n)
+    basic = evaluation.frechet_distance_bootstrap(features, stats, 200, interval="basic")
+    auto = evaluation.frechet_distance_bootstrap(features, stats, 200)
+    assert basic["interval"] == "basic" and basic["high"] < basic["value"]
+    assert auto["interval"] == "half-sample" and auto["low"] < auto["value"] < auto["high"]
+    assert auto["high"] - auto["value"] == pytest.approx(auto["value"] - auto["low"])
+    spread = np.std([evaluation.frechet_distance_from_activations(draw(n), draw(4000))
+                     for _ in range(30)], ddof=1)
+    half_width = (auto["high"] - auto["low"]) / 2
+    assert 1.96 * spread < half_width < 2.5 * 1.96 * spread
+    # The bootstrap's spread would be several times too wide.
+    assert basic["high"] - basic["low"] > 2 * (auto["high"] - auto["low"])
+    # n >= d keeps the basic interval (the committed proxy numbers).
+    assert evaluation.frechet_distance_bootstrap(draw(80), stats, 20)["interval"] == "basic"
+    with pytest.raises(ValueError, match="interval must be one of"):
+        evaluation.frechet_distance_bootstrap(features, stats, 20, interval="percentile")

@@ -33,11 +33,11 @@ def demo_network(size: int, memory_format: str = "auto",
                  precision: str = "fp32") -> tuple[torch.nn.Module, object]:
     """The committed demo EMA network at `size` (sub-VP DDPM++, nf 16) and its config, built for
     sampling in `precision` (an "auto" memory format is measured in that precision)."""
-    path = demo_settings.builtin_checkpoint_path(size)
+    path = demo_settings.checkpoint_path(size, "builtin")
     if not path.is_file():
         pytest.skip(f"no committed demo checkpoint at {path}")
-    config = demo_settings.demo_config(size, demo_settings.DemoSettings.for_mode("quick"),
-                                       device=torch.device("cpu"))
+    settings = demo_settings.DemoSettings.for_mode("quick", "builtin")
+    config = demo_settings.demo_config(size, settings, device=torch.device("cpu"))
     config.model.memory_format = memory_format
     config.sampling.precision = precision
     return load_model_weights(mutils.create_model(config), path, device="cpu"), config
@@ -91,7 +91,7 @@ def test_auto_memory_format_is_measured_once_per_machine_and_configuration(monke
                                                                              tmp_path):
     monkeypatch.setenv(mutils.MEMORY_FORMAT_CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(mutils, "_MEASURED_FORMATS", {})
-    config = demo_settings.demo_config(8, demo_settings.DemoSettings.for_mode("smoke"),
+    config = demo_settings.demo_config(8, demo_settings.DemoSettings.for_mode("smoke", "builtin"),
                                        device=torch.device("cpu"))
     config.model.nf = 8
     calls = []
