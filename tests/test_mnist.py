@@ -285,6 +285,29 @@ def test_compute_dataset_stats_writes_mnist_proxy_statistics(tmp_path):
 
 
 @needs_mnist
+def test_committed_mnist_inception_reference_is_compact_and_recomputes(torch_inception):
+    """The committed torch Inception reference: 2000 training images' features as float16 in a
+    file under 10 MB, made by the recorded network; its first rows recomputed from the first
+    training images (evaluation order) agree to float16 rounding."""
+    config = importlib.import_module("configs.mnist.subvp_ddpmpp_small").get_config()
+    path = evaluation.dataset_stats_path(config, "torch_inception")
+    assert path.stat().st_size < 10 * 2**20
+    stats = evaluation.load_dataset_stats(config, "torch_inception")
+    evaluation.check_feature_network(stats, evaluation.torch_inception_network("halfpixel"))
+    features = stats[evaluation.INCEPTION_FINAL_POOL]
+    assert features.dtype == np.float16 and features.shape == (2000, 2048)
+    assert int(stats["num_images"]) == 2000 and np.isfinite(features).all()
+    train_ds, _, _ = datasets.get_dataset(config, evaluation=True)
+    first = next(iter(train_ds))["image"][:3]
+    again = evaluation.torch_inception_features(first, torch_inception)
+    np.testing.assert_allclose(features[:3].astype(np.float32), again, rtol=2e-3, atol=2e-3)
+    import compute_dataset_stats
+
+    compact = compute_dataset_stats.compact_features({"pool_3": again, "num_images": 3})
+    assert compact["pool_3"].dtype == np.float16 and compact["num_images"] == 3
+
+
+@needs_mnist
 def test_committed_mnist_statistics():
     # The committed RMSDs, recomputed from block means (not subspace_lib) on the 60,000 images.
     images = datasets.mnist_arrays()["train_images"][..., 0]
