@@ -5,9 +5,11 @@ Rows, drawn batch by batch in turn (interleaved, so a change of machine load hit
 - the original score-SDE code's PC sampler (Euler-Maruyama predictor, no corrector, N = 1000:
   its default for continuous sub-VP DDPM++) imported from `--original PATH` and run on the
   demo's 32 px weights (timing only: its quality is that of this project's PC at N = 1000,
-  the same computation by the reference cases). The demo network adds a Gaussian DC head the
-  original lacks (`config.model.gaussian_dc`), so the original is timed on its closest
-  architecture: the same NCSN++ options without that head (weights loaded where names match);
+  the same computation by the reference cases; `--original_batches K` times it on the first K
+  batches only, its seconds per sample taken over those). The demo network adds a Gaussian DC
+  head the original lacks (`config.model.gaussian_dc`), so the original is timed on its
+  closest architecture: the same NCSN++ options without that head (weights loaded where names
+  match);
 - this project's PC at N = 1000, full only;
 - the best few-step solver full only, and the best few-step solver with the subspace plan 16, 8
   (rows of bench/bench_samplers.py, `--fast_full` / `--fast_subspace`).
@@ -21,7 +23,7 @@ over the original per sample and whether the row is at the original's quality (i
 most the upper end of PC N = 1000's interval), and the same ratio worked out for a GPU on paper.
 
     python bench/bench_end_to_end.py --original /path/to/score_sde_pytorch [--num_samples 64]
-        [--batch 32] [--threads 2] [--inception] [--out runs/end_to_end]
+        [--batch 32] [--original_batches K] [--threads 2] [--inception] [--out runs/end_to_end]
 """
 from __future__ import annotations
 
@@ -186,8 +188,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
     yardstick = orig or base
     bound = base["proxy_fid"]["high"]
     inception = any(r.get("inception_fid") for r in rows)
+    timed = meta.get("original_samples", meta["num_samples"])
+    first = (f"first {meta['original_batches']} batches" if meta.get("original_batches", 1) > 1
+             else "first batch")
     lines = [
-        f"{meta['num_samples']} samples per row in batches of {meta['batch']}, seed "
+        f"{meta['num_samples']} samples per row in batches of {meta['batch']}"
+        + (f" (the original: {timed}, its {first})"
+           if orig and timed != meta["num_samples"] else "") + f", seed "
         f"{meta['seed']}, {meta['threads']} threads, {meta['machine']}; load average before / "
         f"after: {meta['load_before']} / {meta['load_after']}. `auto` picked: {meta['auto']}. "
         f"Held-out images score proxy FID {meta['data_proxy_fid']:.1f} at this count.", "",
@@ -235,7 +242,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{BASELINE_ROW}'s interval) in this run.")
     if meta.get("original_note"):
         lines.append("")
-        lines.append(f"Original: {meta['original_note']}.")
+        partial = ""
+        if timed != meta["num_samples"]:
+            partial = (f"timed on its {first} of {meta['num_batches']} ({timed} samples, "
+                       f"interleaved with the other rows' first batches), its seconds per "
+                       f"sample and speed-ups taken over those; ")
+        lines.append(f"Original: {partial}{meta['original_note']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -246,6 +258,9 @@ def main() -> None:
                              "(without it, speed-ups are over this project's PC N=1000).")
     parser.add_argument("--num_samples", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--original_batches", type=int, default=None,
+                        help="Time the original (timing only) on the first K batches only "
+                             "(default: all); its seconds per sample are over those.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2,
                         help="Intra-op threads (1 on a busy machine: 2 wait on each other).")
@@ -265,6 +280,16 @@ def main() -> None:
     if args.num_samples < 2 or args.batch < 1 or args.pc_steps < 2:
         raise SystemExit("error: --num_samples must be at least 2 (the FID needs a covariance), "
                          "--batch at least 1 and --pc_steps at least 2.")
+    sizes = batches(args.num_samples, args.batch)
+    if args.original_batches is not None:
+        if not args.original:
+            raise SystemExit("error: --original_batches needs --original (the row it limits).")
+        if not 1 <= args.original_batches <= len(sizes):
+            raise SystemExit(f"error: --original_batches must be between 1 and the number of "
+                             f"batches, {len(sizes)} (--num_samples {args.num_samples} in "
+                             f"batches of {args.batch}); got {args.original_batches}.")
+    original_batches = (len(sizes) if args.original_batches is None
+                        else args.original_batches)
     for flag in ("fast_full", "fast_subspace"):
         if getattr(args, flag) not in SAMPLERS:
             raise SystemExit(f"error: --{flag} '{getattr(args, flag)}' is not a row of "
@@ -290,7 +315,6 @@ def main() -> None:
     rows = {BASELINE_ROW: ("pc", {"num_scales": args.pc_steps}, None, "full only"),
             args.fast_full: (*SAMPLERS[args.fast_full], None, "full only"),
             args.fast_subspace: (*SAMPLERS[args.fast_subspace], plan, "subspace 16, 8")}
-    sizes = batches(args.num_samples, args.batch)
     original = None
     meta = {"num_samples": args.num_samples, "batch": args.batch, "seed": args.seed,
             "threads": args.threads,
@@ -299,17 +323,21 @@ def main() -> None:
                        f"torch {torch.__version__}",
             "auto": ", ".join(f"{size} px {auto_options(net)}" for size, net in networks.items()),
             "load_before": _load(), "original_row": ORIGINAL_ROW, "baseline_row": BASELINE_ROW,
-            "pc_steps": args.pc_steps}
+            "pc_steps": args.pc_steps, "num_batches": len(sizes)}
     if args.original:
         original, meta["original_note"] = original_sampler(
             args.original, networks[FULL_SIZE].state_dict(), settings, args.batch,
             args.pc_steps)
-    results = {name: {"seconds": 0.0, "cpu": 0.0, "nfe": {}, "x": []} for name in rows}
-    if original is not None:
-        results = {ORIGINAL_ROW: {"seconds": 0.0, "cpu": 0.0, "nfe": {}, "x": []}, **results}
+        meta["original_batches"] = original_batches
+        meta["original_samples"] = sum(sizes[:original_batches])
+    names = ([ORIGINAL_ROW] if original is not None else []) + list(rows)
+    results = {name: {"seconds": 0.0, "cpu": 0.0, "nfe": {}, "x": [], "samples": 0,
+                      "batches": 0} for name in names}
     for index, count in enumerate(sizes):
         seed = args.seed + index
         for name in results:
+            if name == ORIGINAL_ROW and index >= original_batches:
+                continue
             cpu_began = time.process_time()
             if name == ORIGINAL_ROW:
                 seconds, nfe = original(seed, count)
@@ -323,6 +351,8 @@ def main() -> None:
                     evaluation.to_uint8_nhwc(inverse_scaler(x).clamp(0, 1)))
             results[name]["seconds"] += info["seconds"]
             results[name]["cpu"] += time.process_time() - cpu_began
+            results[name]["samples"] += count
+            results[name]["batches"] += 1
             for size, n in info["nfe"].items():
                 results[name]["nfe"][size] = results[name]["nfe"].get(size, 0) + n
             print(f"batch {index + 1}/{len(sizes)} {name}: {info['seconds']:.1f} s, "
@@ -333,10 +363,11 @@ def main() -> None:
     table = []
     for name, result in results.items():
         row = {"name": name, "plan": rows[name][3] if name in rows else "full only",
+               "samples": result["samples"], "batches": result["batches"],
                "seconds": result["seconds"],
-               "seconds_per_sample": result["seconds"] / args.num_samples,
-               "cpu_per_sample": result["cpu"] / args.num_samples,
-               "nfe": {size: n / len(sizes) for size, n in result["nfe"].items()}}
+               "seconds_per_sample": result["seconds"] / result["samples"],
+               "cpu_per_sample": result["cpu"] / result["samples"],
+               "nfe": {size: n / result["batches"] for size, n in result["nfe"].items()}}
         if result["x"]:
             uint8 = np.concatenate(result["x"])
             quality = evaluation.proxy_quality(uint8, stats, reference, seed=args.seed)
