@@ -162,10 +162,14 @@ def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("compute_dataset_stats.py", [*stats, "--max_images", "1"], "--max_images"),
         ("compute_dataset_stats.py", [*stats, "--out", "/proc/x/s.npz"], "--out"),
         ("compute_dataset_stats.py", [*stats, "--features", "bogus"], "--features"),
+        ("compute_dataset_stats.py", [*stats, "--float16"],
+         "--float16 applies to Inception features only"),
         # demo.py
         ("demo.py", [*demo, "--threads", "0"], "--threads"),
         ("demo.py", [*demo, "--mode", "quick", "--export_assets"], "--export_assets"),
         ("demo.py", [*demo, "--mode", "bogus"], "--mode"),
+        ("demo.py", [*demo, "--dataset", "cifar"], "--dataset"),
+        ("demo.py", [*demo, "--mode", "smoke", "--reuse_committed"], "--reuse_committed"),
         ("demo.py", ["--workdir", "/proc/demo", "--no_progress"], "--workdir"),
         # A misspelt config override, in every entry script that takes --config (with and
         # without --config on the command line: a default config applies overrides earlier).
