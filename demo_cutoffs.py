@@ -99,7 +99,7 @@ def divergence_and_cutoffs(full_net: torch.nn.Module, config, rmsd: dict[int, fl
     marks = {size: {repr(float(threshold)): t} for size, t in chosen.items()} if threshold \
         else None
     fig = plot_divergence(data, [threshold] if threshold else (), marks,
-                          title=f"built-in 32x32, small sub-VP DDPM++, "
+                          title=f"{settings.data.title} 32x32, small sub-VP DDPM++, "
                                 f"{settings.divergence_images} images")
     save_figure(fig, workdir / "divergence.png")
     means = {}

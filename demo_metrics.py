@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import evaluation
 import likelihood
 import run_lib
 import sde_lib
-from demo_settings import FLOOR_FACTORS, DemoSettings
+from demo_settings import FLOOR_FACTORS, ROOT, DemoSettings
 
 
 def first_images(config, count: int, split: str = "test") -> torch.Tensor:
@@ -71,6 +72,29 @@ def inception_reference(config) -> dict:
     return {"features": features, "mu": mu, "sigma": sigma,
             "sigma_root": evaluation.symmetric_matrix_sqrt(sigma), "num_images": len(features),
             "path": path, "network": network, "resize": resize}
+
+
+def repo_relative(path) -> str:
+    """`path` relative to the repository when inside it (for reports), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def inception_reference_info(config, wanted: bool | None) -> tuple[dict | None, dict]:
+    """The dataset's torch Inception reference (`inception_reference`) when `wanted` (None:
+    when its statistics are committed), with what a report records about it; else None and
+    why. Asked for explicitly (True), missing statistics raise."""
+    if wanted is False:
+        return None, {"skipped": "not asked for"}
+    try:
+        reference = inception_reference(config)
+    except (FileNotFoundError, evaluation.StatisticsMismatchError) as error:
+        if wanted:
+            raise
+        return None, {"skipped": str(error).replace(str(ROOT) + "/", "")}
+    return reference, {"statistics": repo_relative(reference["path"]),
+                       "reference_images": reference["num_images"],
+                       "network": reference["network"]}
 
 
 def quality_entry(uint8: np.ndarray, proxy_stats: dict, reference: np.ndarray,

@@ -44,7 +44,7 @@ def results_markdown(results: dict) -> str:
     floor = results.get("data_quality")
     if floor is not None:
         lines.append(f"| held-out data ({floor['num_samples']} images) | - | - | - | - | - | - | "
-                     f"{_quality_text(floor, with_inception)} | - | - |")
+                     f"{quality_text(floor, with_inception)} | - | - |")
     for name, r in results["samplers"].items():
         nfe = r["nfe"]
         evals = " / ".join(str(nfe.get(k, 0)) for k in (str(FULL_SIZE),) + tuple(
@@ -58,7 +58,7 @@ def results_markdown(results: dict) -> str:
             f"{b['difference_to_full']:+.4f} ± {b['difference_std_error']:.4f}"
         lines.append(f"| {name} | {evals} | {_fmt(r['seconds'], 1)} | {sp['achieved']:.2f}x | "
                      f"{own} | {sp['ideal_measured_cost']:.2f}x | {sp['ideal_pixel_cost']:.2f}x | "
-                     f"{_quality_text(r, with_inception)} | {bpd_text} | {diff} |")
+                     f"{quality_text(r, with_inception)} | {bpd_text} | {diff} |")
     for name, why in results.get("skipped_samplers", {}).items():
         lines.append(f"| {name} | skipped: {why} |" + " |" * (columns - 2))
     costs = results["network_cost"]
@@ -111,7 +111,7 @@ def results_markdown(results: dict) -> str:
                     str(x) for x in SUBSPACE_SIZES))
                 lines.append(f"| {name} | {n} | {evals} | "
                              f"{_fmt(p.get('full_equivalent_evals'), 1)} | "
-                             f"{_fmt(p['seconds'], 1)} | {_quality_text(p)} |")
+                             f"{_fmt(p['seconds'], 1)} | {quality_text(p)} |")
     lines += _memorisation_lines(results)
     checks = claim_checks(results)
     if checks:
@@ -145,7 +145,7 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _quality_text(entry: dict, with_inception: bool = False) -> str:
+def quality_text(entry: dict, with_inception: bool = False) -> str:
     """'12.3 [11.0, 14.1] | 1.23 ± 0.45' (proxy FID with interval, proxy KID x 1e3), after the
     same two in Inception features when `with_inception` ('-' where the entry has none)."""
     cells = []

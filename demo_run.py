@@ -37,10 +37,11 @@ from demo_cutoffs import compute_rmsd, divergence_and_cutoffs
 from demo_metrics import (
     bits_per_dim,
     held_out_images,
-    inception_reference,
+    inception_reference_info,
     memorisation_entry,
     nearest_training_images,
     quality_entry,
+    repo_relative,
     training_features,
     training_images,
 )
@@ -55,7 +56,6 @@ from demo_sampling import ForwardTimer, draw_samples, machine_info, speedups, wa
 from demo_settings import (
     FULL_SIZE,
     MANIFEST_NAME,
-    ROOT,
     SUBSPACE_SIZES,
     DemoSettings,
     checkpoint_path,
@@ -208,7 +208,8 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
     proxy_stats = evaluation.load_dataset_stats(config, "proxy")
     train_uint8 = training_images(config)
     reference = training_features(config, train_uint8[: settings.kid_reference_images])
-    inception, inception_info = _inception_reference(config, settings)
+    inception, inception_info = inception_reference_info(
+        config, None if settings.inception else False)
     held_out = held_out_images(config, settings.num_samples)
     held_uint8 = evaluation.to_uint8_nhwc(held_out)
     print("== quality of the held-out images (the floor)", flush=True)
@@ -267,28 +268,8 @@ def sampling_phase(networks: dict[int, torch.nn.Module], config, cutoffs: dict[i
     return {"network_cost": costs, "samplers": samplers, "skipped_samplers": skipped,
             "data_proxy_fid": floor["proxy_fid"], "data_quality": floor,
             "quality_cost": curve, "inception": inception_info,
-            "proxy_stats": _repo_relative(evaluation.dataset_stats_path(config, "proxy")),
+            "proxy_stats": repo_relative(evaluation.dataset_stats_path(config, "proxy")),
             "training_images": int(len(train_uint8))}
-
-
-def _inception_reference(config, settings: DemoSettings) -> tuple[dict | None, dict]:
-    """The dataset's torch Inception reference (`inception_reference`) when the settings ask
-    for Inception metrics and it is committed, with what the results record about it; else
-    None and why."""
-    if not settings.inception:
-        return None, {"skipped": "not asked for in this mode"}
-    try:
-        reference = inception_reference(config)
-    except (FileNotFoundError, evaluation.StatisticsMismatchError) as error:
-        return None, {"skipped": str(error)}
-    return reference, {"statistics": _repo_relative(reference["path"]),
-                       "reference_images": reference["num_images"],
-                       "network": reference["network"]}
-
-
-def _repo_relative(path: Path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
 def _nearest_panel(name: str, images: np.ndarray, distances: np.ndarray, nearest: np.ndarray,

@@ -42,6 +42,8 @@ class DemoDataset:
     # The entry of assets/subspace_rmsd.json (and of a run's subspace_rmsd.json).
     stats_name: str
     description: str
+    # Its name in figure titles.
+    title: str
 
     @property
     def checkpoints(self) -> Path:
@@ -57,9 +59,10 @@ class DemoDataset:
 DEMO_DATASETS = {
     "mnist": DemoDataset("mnist", "configs.mnist.subvp_ddpmpp_small", "mnist",
                          "MNIST digits (60,000 training / 10,000 test, zero-padded to 32x32, "
-                         "one channel)"),
+                         "one channel)", "MNIST"),
     "builtin": DemoDataset("builtin", "configs.builtin.subvp_ddpmpp_small", "builtin",
-                           "the built-in dataset (32x32 crops of the scikit-image photographs)"),
+                           "the built-in dataset (32x32 crops of the scikit-image photographs)",
+                           "built-in"),
 }
 DEFAULT_DATASET = "mnist"
 

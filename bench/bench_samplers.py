@@ -40,12 +40,12 @@ import sde_lib  # noqa: E402
 import subspace_lib as sl  # noqa: E402
 from demo_metrics import (  # noqa: E402
     held_out_images,
-    inception_reference,
+    inception_reference_info,
     quality_entry,
     training_features,
     training_images,
 )
-from demo_report import _quality_text  # noqa: E402
+from demo_report import quality_text  # noqa: E402
 from demo_settings import (  # noqa: E402
     FULL_SIZE,
     ROOT,
@@ -188,34 +188,17 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "|",
              "|" + "---|" * (7 + 2 * with_inception),
              f"| held-out data ({floor['num_samples']} images) | - | - | - | - | "
-             f"{_quality_text(floor, with_inception)} |"]
+             f"{quality_text(floor, with_inception)} |"]
     for row in rows:
         nfe = " / ".join(str(row["nfe"].get(str(s), 0)) for s in (FULL_SIZE,) + PLAN_SIZES)
         lines.append(f"| {row['sampler']} | {row['plan']} | {nfe} | {row['seconds']:.1f} | "
-                     f"{row['load'].split()[0]} | {_quality_text(row, with_inception)} |")
+                     f"{row['load'].split()[0]} | {quality_text(row, with_inception)} |")
     return "\n".join(lines) + "\n"
 
 
 def load_average() -> str:
     """The 1, 5 and 15-minute load averages, as the rows record them."""
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def inception_setting(config, wanted: bool | None) -> tuple[dict | None, dict]:
-    """The dataset's torch Inception reference (`inception_reference`) when `wanted` (None: when
-    its statistics are committed), with what the results record about it; else None and why.
-    Asked for explicitly, missing statistics are an error."""
-    if wanted is False:
-        return None, {"skipped": "--no_inception"}
-    try:
-        reference = inception_reference(config)
-    except (FileNotFoundError, evaluation.StatisticsMismatchError) as error:
-        if wanted:
-            raise
-        return None, {"skipped": cli.error_sentence(error)}
-    return reference, {"statistics": str(Path(reference["path"]).resolve().relative_to(ROOT)),
-                       "reference_images": reference["num_images"],
-                       "network": reference["network"]}
 
 
 def main() -> None:
@@ -283,7 +266,7 @@ def main() -> None:
                                             checkpoint_path(size, data.name))
     config = demo_config(FULL_SIZE, settings, device=torch.device("cpu"))
     inverse_scaler = datasets.get_data_inverse_scaler(config)
-    inception, inception_info = inception_setting(config, args.inception)
+    inception, inception_info = inception_reference_info(config, args.inception)
     stats = evaluation.load_dataset_stats(config, "proxy")
     train_uint8 = training_images(config)
     reference = training_features(config, train_uint8[: settings.kid_reference_images])
@@ -304,7 +287,7 @@ def main() -> None:
         "proxy FID [95 %] | proxy KID x 1e3"
     print(f"{data.name} checkpoints, {len(runs)} rows; columns {columns}"
           + ("" if inception is not None else f" (no Inception: {inception_info['skipped']})")
-          + f"\nheld-out data {_quality_text(data_quality, inception is not None)}", flush=True)
+          + f"\nheld-out data {quality_text(data_quality, inception is not None)}", flush=True)
     rows = []
     for name, plan_name in runs:
         method, options = SAMPLERS[name]
@@ -317,7 +300,7 @@ def main() -> None:
                "nfe_total": sum(info["nfe"].values()), **quality}
         rows.append(row)
         print(f"{name:22s} {plan_name:15s} nfe {info['nfe']} {info['seconds']:.1f} s "
-              f"{_quality_text(row, inception is not None)} load {row['load']}", flush=True)
+              f"{quality_text(row, inception is not None)} load {row['load']}", flush=True)
     meta["load_after"] = load_average()
     atomic_write_text(out / "bench_samplers.md", markdown(rows, meta))
     atomic_write_text(out / "bench_samplers.json",
