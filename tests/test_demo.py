@@ -270,9 +270,10 @@ def test_committed_checkpoints_and_results(dataset, tmp_path):
     assert all(math.isfinite(b["bpd"]) for b in committed["bpd"].values())
     # The quick mode's path on 4 samples: committed weights (strict), manifest cutoffs. N stays
     # at the committed value (the networks hold a buffer of N noise levels).
+    # Without Inception metrics: the smoke run checks them, and the reference's root costs
+    # seconds.
     settings = dataclasses.replace(demo_settings.DemoSettings.for_mode("quick", dataset),
-                                   num_samples=4,
-                                   grid_samples=4)
+                                   num_samples=4, grid_samples=4, inception=False)
     results = demo_run.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
     assert results["cutoffs"]["values"] == manifest["cutoffs"]["values"]
     assert all(t["source"].startswith("committed") for t in results["training"].values())
