@@ -112,24 +112,22 @@ def original_sampler(path: str, weights: dict, settings: DemoSettings, batch: in
     model.register_forward_pre_hook(lambda module, inputs: calls.__setitem__(0, calls[0] + 1))
     sde = sde_lib.subVPSDE(beta_min=config.model.beta_min, beta_max=config.model.beta_max,
                            N=steps)
-    fn = sampling.get_pc_sampler(
-        sde, (batch, config.data.num_channels, FULL_SIZE, FULL_SIZE),
-        sampling.get_predictor(config.sampling.predictor.lower()),
-        sampling.get_corrector(config.sampling.corrector.lower()), lambda x: x,
-        snr=config.sampling.snr, n_steps=config.sampling.n_steps_each,
-        probability_flow=config.sampling.probability_flow, continuous=True,
-        denoise=config.sampling.noise_removal, eps=1e-3, device="cpu")
+
+    def pc_sampler(count: int):
+        return sampling.get_pc_sampler(
+            sde, (count, config.data.num_channels, FULL_SIZE, FULL_SIZE),
+            sampling.get_predictor(config.sampling.predictor.lower()),
+            sampling.get_corrector(config.sampling.corrector.lower()), lambda x: x,
+            snr=config.sampling.snr, n_steps=config.sampling.n_steps_each,
+            probability_flow=config.sampling.probability_flow, continuous=True,
+            denoise=config.sampling.noise_removal, eps=1e-3, device="cpu")
+
+    fn = pc_sampler(batch)
 
     def sample(seed: int, count: int) -> tuple[float, int]:
         nonlocal fn
         if count != batch:
-            fn = sampling.get_pc_sampler(
-                sde, (count, config.data.num_channels, FULL_SIZE, FULL_SIZE),
-                sampling.get_predictor(config.sampling.predictor.lower()),
-                sampling.get_corrector(config.sampling.corrector.lower()), lambda x: x,
-                snr=config.sampling.snr, n_steps=config.sampling.n_steps_each,
-                probability_flow=config.sampling.probability_flow, continuous=True,
-                denoise=config.sampling.noise_removal, eps=1e-3, device="cpu")
+            fn = pc_sampler(count)
         torch.manual_seed(seed)
         calls[0] = 0
         began = time.perf_counter()
