@@ -42,7 +42,8 @@ test-tf: $(STAMP_TF)
 	$(VENV_TF)/bin/python -m pytest -q -rs tests/test_datasets.py tests/test_evaluation.py \
 		tests/test_lsun_preprocessing.py
 
-# The main job on the built-in data: train 3 small models, cutoffs, samplers, table (runs/demo).
+# The main job on MNIST (DEMO_ARGS="--dataset builtin": the texture crops): train 3 small models,
+# cutoffs, samplers, Inception FID table (runs/demo).
 demo: $(STAMP)
 	$(PY) demo.py --mode full --workdir runs/demo $(DEMO_ARGS)
 
