@@ -130,14 +130,18 @@ def run_sampler(method: str, options: dict, networks: dict, plan: sl.SubspacePla
 
 def plot(rows: list[dict], floor: dict, path: Path) -> None:
     """FID (Inception where measured, else proxy) with its interval against network evaluations
-    and against seconds, over the held-out images' interval (the floor at this count)."""
+    and against seconds, over the held-out images' interval (the floor at this count). Points
+    carry the number of their sampler; the key under the panels names them (names written
+    beside the points overlap where the samplers cluster)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     key = "fid" if "fid" in floor else "proxy_fid"
     name = "Inception FID" if key == "fid" else "proxy FID"
     kind = floor.get("fid_interval_kind", "bootstrap") if key == "fid" else "bootstrap"
-    figure = Figure(figsize=(11, 4.2))
+    number = {sampler: i + 1 for i, sampler in enumerate(dict.fromkeys(r["sampler"] for r in rows))}
+    key_rows = -(-len(number) // 3)
+    figure = Figure(figsize=(11, 4.2 + 0.13 * key_rows))
     FigureCanvasAgg(figure)
     for axis, x_key, label in ((figure.add_subplot(1, 2, 1), "nfe_total", "network evaluations"),
                                (figure.add_subplot(1, 2, 2), "seconds", "wall-clock seconds")):
@@ -151,15 +155,21 @@ def plot(rows: list[dict], floor: dict, path: Path) -> None:
                                                      [max(high - fid, 0.0)]],
                               marker=marker, color="C0" if plan == "full only" else "C1",
                               capsize=2, linestyle="none")
-                axis.annotate(row["sampler"], (row[x_key], fid), fontsize=6,
-                              xytext=(3, 3), textcoords="offset points")
+                axis.annotate(str(number[row["sampler"]]), (row[x_key], fid), fontsize=7,
+                              xytext=(3, 2), textcoords="offset points")
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.set_ylabel(f"{name} (95 % {kind} interval)")
         axis.plot([], [], "o", color="C0", label="full only")
         axis.plot([], [], "s", color="C1", label=SUBSPACE_PLAN)
         axis.legend(fontsize=7)
-    figure.tight_layout()
+    names = [f"{i}  {sampler}" for sampler, i in number.items()]
+    key_height = (0.13 * key_rows + 0.2) / figure.get_figheight()
+    for column in range(3):
+        figure.text(0.06 + 0.31 * column, key_height - 0.02,
+                    "\n".join(names[column * key_rows:(column + 1) * key_rows]),
+                    fontsize=7, va="top", family="monospace")
+    figure.tight_layout(rect=(0, key_height, 1, 1))
     with atomic_write(path, "wb") as handle:
         figure.savefig(handle, format="png", dpi=120)
 
