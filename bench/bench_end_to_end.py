@@ -31,7 +31,6 @@ import argparse
 import importlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -316,8 +315,7 @@ def main() -> None:
     original = None
     meta = {"num_samples": args.num_samples, "batch": args.batch, "seed": args.seed,
             "threads": args.threads,
-            "machine": f"{platform.processor() or platform.machine()} "
-                       f"({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores, "
+            "machine": f"{mutils.machine_kind()}, {os.cpu_count()} cores, "
                        f"torch {torch.__version__}",
             "auto": ", ".join(f"{size} px {auto_options(net)}" for size, net in networks.items()),
             "load_before": _load(), "original_row": ORIGINAL_ROW, "baseline_row": BASELINE_ROW,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,17 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import datasets  # noqa: E402
 import evaluation  # noqa: E402
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from models import utils as mutils  # noqa: E402
 
 
 def resize_matrix(n_in: int, n_out: int, half_pixel: bool) -> np.ndarray:
@@ -101,7 +90,7 @@ def main() -> None:
         parser.error("--images, --batch and --threads must be at least 1.")
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    print(f"CPU {cpu_model()} ({os.cpu_count()} logical), torch {torch.__version__}, "
+    print(f"CPU {mutils.machine_kind()} ({os.cpu_count()} logical), torch {torch.__version__}, "
           f"{args.threads} threads; load average before {load_before[0]:.2f}")
 
     start = time.perf_counter()

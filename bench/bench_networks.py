@@ -35,7 +35,6 @@ import contextlib
 import copy
 import importlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -424,7 +423,7 @@ def main() -> None:
     original = Original(args.original) if args.original else None
     args.variants, skipped = runnable_variants(args.force)
 
-    print(f"# Network speed ({platform.processor() or platform.machine()}, torch "
+    print(f"# Network speed ({mutils.machine_kind()}, torch "
           f"{torch.__version__}, {args.threads} threads)\n")
     print(f"Load average (1/5/15 min) at start: {_load()}. Batch {args.batch}; median of "
           f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls.")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -285,7 +284,7 @@ def main() -> None:
         inception)
     meta = {"dataset": data.name, "checkpoints": str(data.checkpoints.relative_to(ROOT)),
             "num_samples": args.num_samples, "seed": args.seed, "threads": args.threads,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            "machine": f"{mutils.machine_kind()}, {os.cpu_count()} cores, "
                        f"torch {torch.__version__}",
             "load_before": load_average(),
             "plan": plan.describe() if plan is not None else None,

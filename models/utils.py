@@ -360,7 +360,9 @@ def precision_cache_path() -> Path:
 
 
 @functools.cache
-def _processor_name() -> str:
+def processor_name() -> str:
+    """The CPU's model name ("model name" in /proc/cpuinfo on Linux, where
+    `platform.processor()` is empty), else what `platform` knows. The one place it is read."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -369,6 +371,20 @@ def _processor_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_kind() -> str:
+    """The CPU's model name and the kind of machine it makes for timings: the instruction set
+    torch's kernels run with (`torch.backends.cpu.get_cpu_capability()`: AVX2, AVX512, ...),
+    AMX when present, and whether bf16 is native or emulated, e.g. "Intel(R) Xeon(R) Processor
+    (AVX512, AMX, native bf16)". Machines of one model name can differ in these, and timings
+    differ 2x or more between the kinds."""
+    capabilities = cpu_capabilities()
+    parts = [torch.backends.cpu.get_cpu_capability()]
+    if any(capabilities.get(f) for f in ("amx_tile", "amx_bf16", "amx_int8")):
+        parts.append("AMX")
+    parts.append("native bf16" if "bf16" in native_precisions("cpu") else "bf16 emulated")
+    return f"{processor_name()} ({', '.join(parts)})"
 
 
 def _read_format_cache(path: Path) -> dict[str, str]:
@@ -395,7 +411,7 @@ def _configuration_key(model: nn.Module, config, setting: str) -> str:
     network = hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
     return (f"{config.model.name}/{network}/{image_size}px/{num_channels}ch/{setting}/"
             f"{device}/{torch.get_num_threads()}threads/torch{torch.__version__}/"
-            f"{_processor_name()}")
+            f"{processor_name()}")
 
 
 def _measured_once(memory: dict[str, str], path: Path, key: str, choices: Collection[str],

@@ -263,3 +263,16 @@ def test_training_with_auto_runs_in_the_measured_precision(monkeypatch, fresh, t
     calls = [dtype for model_calls in seen for dtype in model_calls]
     assert calls, "the training step called the network"
     assert set(calls) == ({torch.bfloat16} if native else {None})
+
+
+def test_machine_kind_names_the_kernels_amx_and_the_bf16_path(monkeypatch):
+    """Timings are reported with the machine kind: the CPU's name, the instruction set torch's
+    kernels use, AMX when present, and whether bf16 runs natively or emulated."""
+    name = mutils.processor_name()
+    assert name and mutils.machine_kind().startswith(f"{name} (")
+    assert torch.backends.cpu.get_cpu_capability() in mutils.machine_kind()
+    cpu_with(monkeypatch, NO_NATIVE)
+    assert mutils.machine_kind().endswith(", bf16 emulated)")
+    assert "AMX" not in mutils.machine_kind()
+    cpu_with(monkeypatch, {**NATIVE_BF16, "amx_tile": True, "amx_bf16": True})
+    assert mutils.machine_kind().endswith(", AMX, native bf16)")
