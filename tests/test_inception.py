@@ -155,7 +155,8 @@ def test_statistics_command_and_sample_metrics_agree(torch_inception, tmp_path, 
     that record it; evaluate_samples on the same 2 images as samples ("auto" without
     TensorFlow takes the torch network) finds FID 0 against them, to float precision: one
     pipeline for both, and FID of a set against itself. (One FID of 2048-dimensional features
-    costs about 14 CPU seconds of SVDs, whatever the sample count: the only one in this file.)"""
+    costs two 2048 x 2048 eigendecompositions, seconds whatever the sample count: the only one
+    in this file.)"""
     from compute_dataset_stats import compute_stats
     from files import atomic_numpy_save
 
