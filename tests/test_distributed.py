@@ -1,5 +1,6 @@
 """torch.distributed: data sharding, per-example noise, and 2-process gloo runs under torchrun
-that must reproduce one process (training, checkpoint resume, sampling, bits/dim)."""
+that must reproduce one process (training, a two-process checkpoint loaded in one, sampling,
+bits/dim)."""
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from models.checkpoints import restore_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "configs/builtin/subvp_ddpmpp_small.py"
 # A tiny model and schedule; both layouts train and sample with exactly these settings.
-TRAIN_STEPS, RESUMED_STEPS = 3, 5
+TRAIN_STEPS = 3
 OVERRIDES = {
     "data.dataset": "NUMPY",
     "data.image_size": 8,
@@ -202,7 +203,8 @@ def test_per_example_generators_make_the_loss_split_invariant(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One-process and two-process training (3 steps, then resumed to 5) and evaluation."""
+    """One-process and two-process training (3 steps) and evaluation. (Resuming under torchrun
+    is checked bit for bit against an uninterrupted pair in test_resume_exact.py.)"""
     base = tmp_path_factory.mktemp("distributed")
     root = _write_images(base / "images.npy")
     single, pair = base / "single", base / "pair"
@@ -211,19 +213,15 @@ def runs(tmp_path_factory):
     try:
         run_lib.train(_config(root, **{"training.n_iters": TRAIN_STEPS}), single, progress=False)
         first_single = _load(single / "checkpoints-meta" / "checkpoint.pth")
-        run_lib.train(_config(root, **{"training.n_iters": RESUMED_STEPS}), single,
-                      progress=False)
         single_report = run_lib.evaluate(_config(root), single, "eval", progress=False)[1]
     finally:
         torch.set_num_threads(threads)
     assert not dist.is_initialized()
     first = _torchrun("train", pair, root, **{"training.n_iters": TRAIN_STEPS})
     first_pair = _load(pair / "checkpoints-meta" / "checkpoint.pth")
-    resumed = _torchrun("train", pair, root, **{"training.n_iters": RESUMED_STEPS})
     _torchrun("eval", pair, root)
     return dict(root=root, single=single, pair=pair, first_single=first_single,
-                first_pair=first_pair, first_log=first.stderr, resumed_log=resumed.stderr,
-                single_report=single_report)
+                first_pair=first_pair, first_log=first.stderr, single_report=single_report)
 
 
 def test_two_processes_train_the_parameters_of_one(runs):
@@ -249,17 +247,6 @@ def test_two_process_checkpoint_loads_in_one_process(runs):
     assert state["step"] == TRAIN_STEPS + 1
     assert torch.equal(state["model"].state_dict()["all_modules.0.weight"],
                        runs["first_pair"]["model"]["module.all_modules.0.weight"])
-
-
-def test_restarted_pair_resumes_like_one_process(runs):
-    assert f"Resuming training from step {TRAIN_STEPS + 1}" in runs["resumed_log"]
-    assert "step: 4, training_loss" in runs["resumed_log"]
-    assert "step: 0, training_loss" not in runs["resumed_log"]
-    single = _load(runs["single"] / "checkpoints-meta" / "checkpoint.pth")
-    pair = _load(runs["pair"] / "checkpoints-meta" / "checkpoint.pth")
-    assert single["step"] == pair["step"] == RESUMED_STEPS + 1
-    model_diff, ema_diff = _max_difference(single, pair)
-    assert model_diff < 2e-6 and ema_diff < 2e-6
 
 
 def test_two_process_sampling_writes_the_one_process_samples(runs):

@@ -9,6 +9,7 @@ checkpoint file NAME that holds step K (half the bytes in the temporary file, no
 A suffix "@R" kills rank R (default 0) only.
 """
 import io
+import logging
 import os
 import signal
 import subprocess
@@ -150,7 +151,19 @@ def test_stream_from_start_is_the_uninterrupted_stream(tmp_path):
     assert not torch.equal(train[0], train[5])
 
 
-def test_killed_training_resumes_bit_for_bit(tmp_path):
+def _config(images: Path):
+    """The config of the runs above, built in this process."""
+    from configs.builtin.subvp_ddpmpp_small import get_config
+
+    config = get_config()
+    for key, value in {**OVERRIDES, "data.root": str(images)}.items():
+        section, name = key.split(".")
+        setattr(config[section], name, value)
+    config.device = torch.device("cpu")
+    return config
+
+
+def test_killed_training_resumes_bit_for_bit(tmp_path, caplog):
     images = _write_images(tmp_path / "images.npy")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     uninterrupted = _start(reference, images)
@@ -162,12 +175,26 @@ def test_killed_training_resumes_bit_for_bit(tmp_path):
         assert code == -signal.SIGKILL, log[-3000:]
         assert _load(_meta(killed))["step"] == saved_step
     assert list(_meta(killed).parent.glob(".checkpoint.pth.*.tmp")), "the kill hit the write"
+    # Files of other names, which the removal of half-written checkpoints must leave alone.
+    foreign = [_meta(killed).parent / "notes.tmp", _meta(killed).parent / ".other.pth.x.tmp"]
+    for path in foreign:
+        path.write_text("not ours")
     code, log = _finish(_start(killed, images))
     assert code == 0 and "Resuming training from step 5" in log, log[-3000:]
     assert "left by an interrupted checkpoint write" in log
+    assert all(path.read_text() == "not ours" for path in foreign)
+    for path in foreign:
+        path.unlink()
     code, log = _finish(uninterrupted)
     assert code == 0, log[-3000:]
     _compare_with_reference(reference, killed)
+    # Started again, the finished run says that it is complete and which checkpoints it has.
+    import run_lib
+
+    with caplog.at_level(logging.INFO, logger="run_lib"):
+        run_lib.train(_config(images), killed, progress=False)
+    assert "is complete" in caplog.text and "checkpoint_1.pth, checkpoint_2.pth" in caplog.text
+    _assert_identical(_load(_meta(reference)), _load(_meta(killed)), "the complete run")
 
 
 def test_killed_torchrun_pair_resumes_bit_for_bit(tmp_path):
@@ -184,6 +211,10 @@ def test_killed_torchrun_pair_resumes_bit_for_bit(tmp_path):
     code, log = _finish(_start(killed, images, processes=2))
     assert code == 0 and "Resuming training from step 5" in log, log[-3000:]
     assert "left by an interrupted checkpoint write" in log
+    # Only rank 0 logs the training loss, from the resumed step on: steps 5..9, once each.
+    assert [line for line in log.splitlines() if "training_loss" in line][0].split(
+        "step: ")[1].startswith("5,")
+    assert log.count("training_loss") == N_ITERS + 1 - 5
     code, log = _finish(uninterrupted)
     assert code == 0, log[-3000:]
     _compare_with_reference(reference, killed)
