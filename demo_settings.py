@@ -143,10 +143,10 @@ class DemoSettings:
                        curve_steps=())
         if mode == "smoke":
             return cls(mode, train=True, train_steps={32: 4, 16: 4, 8: 4}, train_batch=4,
-                       warmup=1, num_steps=25, num_samples=8, sample_batch=4,
-                       curve_steps=(10, 25), bootstrap_resamples=20, grid_samples=4,
-                       divergence_images=4, divergence_times=3, bpd_images=2, bpd_batch=2,
-                       bpd_tol=1e-3)
+                       warmup=1, num_steps=10, num_samples=8, sample_batch=4,
+                       curve_steps=(5, 10), bootstrap_resamples=20, kid_reference_images=1000,
+                       grid_samples=4, divergence_images=4, divergence_times=3, bpd_images=2,
+                       bpd_batch=2, bpd_tol=1e-2)
         raise ValueError(f"Unknown demo mode '{mode}': choose one of {', '.join(MODES)}.")
 
     @property

@@ -42,7 +42,7 @@ def test_smoke_writes_the_table_and_the_figure(smoke):
     assert "untrained" in saved["cutoffs"]["rule"]
     table = (workdir / "results.md").read_text()
     assert "NOT the paper's Inception FID" in table and "Machine:" in table
-    assert "| full only | 25 / 0 / 0 |" in table and "| held-out data (8 images) |" in table
+    assert "| full only | 10 / 0 / 0 |" in table and "| held-out data (8 images) |" in table
     assert "Inception FID [95 % interval] | KID x 1e3 | proxy FID" in table
     assert "Memorisation check" in table and "| full only (8) |" in table
     # One table row per sampler, one curve row per sampler and N, then the claims.
@@ -272,8 +272,11 @@ def test_committed_checkpoints_and_results(dataset, tmp_path):
     # at the committed value (the networks hold a buffer of N noise levels).
     # Without Inception metrics: the smoke run checks them, and the reference's root costs
     # seconds.
+    # A proxy KID reference of 256 training images instead of thousands (its proxy features
+    # cost seconds; the smoke run checks the metric).
     settings = dataclasses.replace(demo_settings.DemoSettings.for_mode("quick", dataset),
-                                   num_samples=4, grid_samples=4, inception=False)
+                                   num_samples=4, grid_samples=4, inception=False,
+                                   kid_reference_images=256)
     results = demo_run.run_demo(settings, tmp_path, progress=False, device=torch.device("cpu"))
     assert results["cutoffs"]["values"] == manifest["cutoffs"]["values"]
     assert all(t["source"].startswith("committed") for t in results["training"].values())
