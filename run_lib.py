@@ -119,12 +119,14 @@ def resume_checkpoint_path(workdir: str | os.PathLike) -> Path:
     return _paths(workdir)["meta"]
 
 
-def create_train_state(config, device: torch.device) -> dict:
-    """A fresh training state {model, ema, optimizer, step} built from `config`."""
+def create_train_state(config, device: torch.device, with_optimizer: bool = True) -> dict:
+    """A fresh training state {model, ema, optimizer, step} built from `config`; without the
+    optimizer (None) for evaluation, which then skips the ~1 s import of torch._dynamo that
+    the first torch optimizer triggers."""
     config.device = device
     model = mutils.create_model(config)
     ema = ExponentialMovingAverage(model.parameters(), decay=config.model.ema_rate)
-    optimizer = losses.get_optimizer(config, model.parameters())
+    optimizer = losses.get_optimizer(config, model.parameters()) if with_optimizer else None
     return dict(optimizer=optimizer, model=model, ema=ema, step=0)
 
 
@@ -536,7 +538,7 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     evaluation.inception_choice(config)  # a bad eval.inception fails before any sampling
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
-    state = create_train_state(config, device)
+    state = create_train_state(config, device, with_optimizer=False)
     state.pop("optimizer")
     if rank > 0:
         set_seed(distributed.rank_seed(config.seed, rank))
