@@ -539,7 +539,6 @@ def evaluate(config, workdir: str | os.PathLike, eval_folder: str = "eval",
     eval_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     state = create_train_state(config, device, with_optimizer=False)
-    state.pop("optimizer")
     if rank > 0:
         set_seed(distributed.rank_seed(config.seed, rank))
     scaler = datasets.get_data_scaler(config)
