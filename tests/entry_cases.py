@@ -1,6 +1,7 @@
 """Run entry-script invocations as a user would, cheaply: one process imports torch and the
-libraries once, then forks one child per invocation, which runs the script as `__main__` with its
-own argv (so every child gets fresh absl flags) and reports its exit status and stderr.
+project's modules once, then forks one child per invocation, which runs the script as `__main__`
+with its own argv (so every child gets fresh absl flags; script_runner.run_as_main) and reports
+its exit status and stderr.
 
     python tests/entry_cases.py < cases.json > results.json
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from script_runner import fresh_search_path, run_as_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300.0
@@ -41,43 +43,19 @@ def _warm_imports() -> None:
     from models import subspace_model  # noqa: F401
 
 
-def _child(case: dict, err_path: str) -> None:
-    fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
-    code = 0
-    try:
-        target, args = case["target"], case["args"]
-        if target.endswith(".py"):
-            sys.argv = [target, *args]
-            runpy.run_path(str(ROOT / target), run_name="__main__")
-        else:
-            sys.argv = [target, *args]
-            # As in a fresh `python -m`: not the warm copy (which runpy would warn about).
-            sys.modules.pop(target, None)
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    except BaseException:  # noqa: BLE001 - a traceback is exactly what the test looks for
-        import traceback
-
-        traceback.print_exc()
-        code = 70
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def run_cases(cases: list[dict]) -> list[dict]:
     """Run each case in a forked child; return its exit status and stderr."""
     results = []
+    search_path = fresh_search_path(os.environ.get("PYTHONPATH"))
     with tempfile.TemporaryDirectory() as folder:
         for index, case in enumerate(cases):
             err_path = os.path.join(folder, f"{index}.err")
             pid = os.fork()
             if pid == 0:
-                _child(case, err_path)
+                target = case["target"]
+                command = [str(ROOT / target)] if target.endswith(".py") else ["-m", target]
+                run_as_main([*command, *case["args"]], str(ROOT), None, os.devnull, err_path,
+                            search_path)
             deadline = time.monotonic() + TIMEOUT
             while True:
                 done, status = os.waitpid(pid, os.WNOHANG)

@@ -3,13 +3,12 @@
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from script_runner import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 VE_CONFIG = "configs/builtin/ve_ncsnpp_small.py"
@@ -19,8 +18,7 @@ SUBVP_CONFIG = "configs/builtin/subvp_ddpmpp_small.py"
 def _run(*args):
     # One intra-op thread, as the test process (conftest), so results agree to the last bit.
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", *args, "--noprogress"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return run_python(["-m", *args, "--noprogress"], cwd=ROOT, env=env, timeout=600)
 
 
 def _config(module):

@@ -2,11 +2,11 @@
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_runner import run_python
 
 from analysis import cutoffs
 from analysis.plots import plot_divergence, save_figure
@@ -43,9 +43,8 @@ def test_reference_means_per_time_and_nan_rows(reference_dir):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m analysis.cutoffs ARGS` as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "analysis.cutoffs", *args],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          timeout=300)
+    return run_python(["-m", "analysis.cutoffs", *args],
+                      cwd=Path(__file__).resolve().parents[1], timeout=300)
 
 
 def test_cli_prints_and_saves_table(reference_dir, tmp_path):

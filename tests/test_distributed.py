@@ -4,13 +4,13 @@ bits/dim)."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from script_runner import run_python
 
 import datasets
 import distributed
@@ -79,11 +79,10 @@ def _torchrun(mode: str, workdir: Path, root: Path | None, *args: str,
     flags = [f"--config.{k}={v}" for k, v in {**values, **extra}.items()]
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCH_VARIABLES}
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node=2", "main.py", f"--config={config_file}", f"--mode={mode}",
-               f"--workdir={workdir}", "--progress=false", *flags, *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=240)
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+               f"--config={config_file}", f"--mode={mode}", f"--workdir={workdir}",
+               "--progress=false", *flags, *args]
+    result = run_python(command, cwd=ROOT, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -343,12 +342,11 @@ def test_two_process_subspace_sample_script_writes_the_one_process_samples(tmp_p
               # The untrained networks output zero: a Langevin step would divide by a zero
               # gradient norm and the samples come out NaN, which now stops the run.
               "--langevin_steps=0"]
-    launchers = {"single": [sys.executable],
-                 "pair": [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2"]}
+    launchers = {"single": [], "pair": ["-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"]}
     for name, launcher in launchers.items():
-        result = subprocess.run([*launcher, *script, f"--eval_folder={tmp_path / name}"],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        result = run_python([*launcher, *script, f"--eval_folder={tmp_path / name}"], cwd=ROOT,
+                            env=env, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
     pair, single = (np.load(tmp_path / name / "s.npy") for name in ("pair", "single"))
     assert pair.shape == (5, 32, 32, 3)

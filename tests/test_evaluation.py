@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from script_runner import run_python
 
 import datasets
 import evaluation
@@ -313,13 +312,13 @@ def test_compute_dataset_stats_command_line(tmp_path):
         f"'root': '{tmp_path / 'tiny.npy'}'}}, 'training': {{'batch_size': 4}}, "
         "'eval': {'batch_size': 4}, 'seed': 0})\n")
     out = tmp_path / "stats" / "tiny_proxy_stats.npz"
-    command = [sys.executable, "compute_dataset_stats.py", f"--config={config_file}",
+    command = ["compute_dataset_stats.py", f"--config={config_file}",
                "--features=proxy", "--split=test", f"--out={out}", "--noprogress"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_python(command, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     with np.load(out) as stats:
         assert int(stats["num_images"]) == 3 and stats["mu"].shape == (evaluation.PROXY_DIM,)
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny_proxy_stats.npz"]
-    bad = subprocess.run(command[:-2] + ["--split=train", "--max_images=1", "--noprogress"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = run_python(command[:-2] + ["--split=train", "--max_images=1", "--noprogress"],
+                     cwd=ROOT, timeout=300)
     assert bad.returncode == 1 and "--max_images must be at least 2" in bad.stderr

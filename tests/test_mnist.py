@@ -15,12 +15,12 @@ import math
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from script_runner import run_python
 
 import controllable_generation as cg
 import datasets
@@ -246,8 +246,7 @@ def test_mnist_configs_are_the_builtin_networks_on_one_channel(module):
 
 
 def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_python(list(args), cwd=ROOT, timeout=timeout)
 
 
 @needs_mnist

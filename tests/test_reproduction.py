@@ -1,13 +1,12 @@
 """Defaults that reproduce the original code: bits/dim passes, snapshot sampling in training, the
 `--dataset` spellings of the entry scripts."""
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from script_runner import run_python
 from test_sampling import GaussianScoreNet
 from test_subspace_cli import checkpoints  # noqa: F401  (fixture)
 
@@ -82,9 +81,9 @@ def test_training_snapshot_sampling_is_off_unless_asked(tmp_path):
             "--config.training.n_iters", "2", "--config.training.snapshot_freq", "2",
             "--config.training.eval_freq", "100", "--progress=false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(config), "--mode", "train",
+    cmd = [str(ROOT / "main.py"), "--config", str(config), "--mode", "train",
            "--workdir", str(tmp_path)]
-    subprocess.run(cmd + tiny, cwd=ROOT, env=env, check=True, capture_output=True)
+    run_python(cmd + tiny, cwd=ROOT, env=env, check=True)
     # The config says snapshot_sampling=True; main.py switches it off as the original did.
     assert (tmp_path / "checkpoints" / "checkpoint_1.pth").is_file()
     assert not list((tmp_path / "samples").glob("iter_*"))
@@ -102,14 +101,13 @@ def test_dataset_spellings(flag, key):
 
 def test_main_eval_subspace_takes_the_reference_dataset_spellings(checkpoints, tmp_path):  # noqa: F811
     def eval_subspace(dataset):
-        cmd = [sys.executable, "main.py", "--config", "configs/builtin/ve_ncsnpp_small.py",
+        cmd = ["main.py", "--config", "configs/builtin/ve_ncsnpp_small.py",
                "--config.model.num_scales", "6", "--mode", "eval_subspace", "--workdir",
                str(tmp_path), "--subspace", "16", "--time", "0.5", "--ckpt_full",
                str(checkpoints[32]), "--ckpt_subspace", str(checkpoints[16]), "--dataset",
                dataset, "--save_name", dataset, "--progress=false"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        return run_python(cmd, cwd=ROOT, env=env, timeout=600)
 
     # `cifar` names the CIFAR-10 statistics of 32x32 images, which this 32x32 config can use.
     assert eval_subspace("cifar").returncode == 0

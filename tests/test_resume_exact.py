@@ -12,12 +12,12 @@ import io
 import logging
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from script_runner import start_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "configs/builtin/subvp_ddpmpp_small.py"
@@ -51,29 +51,26 @@ def _write_images(path: Path) -> Path:
     return path
 
 
-def _start(workdir: Path, images: Path, kill: str = "", processes: int = 1) -> subprocess.Popen:
+def _start(workdir: Path, images: Path, kill: str = "", processes: int = 1):
     """Start this file as `main.py --mode train` with the kill point `kill` on one process, or
     on `processes` under torchrun."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", RESUME_KILL=kill)
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone",
-                     f"--nproc_per_node={processes}"]
     flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.root": images}.items()]
-    command = [*launcher, str(Path(__file__).resolve()), f"--config={CONFIG_FILE}",
-               "--mode=train", f"--workdir={workdir}", "--progress=false", *flags]
+    command = [str(Path(__file__).resolve()), f"--config={CONFIG_FILE}", "--mode=train",
+               f"--workdir={workdir}", "--progress=false", *flags]
     # The output goes to a file: a pipe nobody reads while another run is awaited could fill.
     log = workdir.parent / f"{workdir.name}-{len(list(workdir.parent.glob('*.log')))}.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle,
-                                   stderr=subprocess.STDOUT)
+    if processes > 1:
+        command = ["-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={processes}", *command]
+    process = start_python(command, cwd=ROOT, log=log, env=env)
     process.log = log
     return process
 
 
-def _finish(process: subprocess.Popen) -> tuple[int, str]:
+def _finish(process) -> tuple[int, str]:
     """Wait for `process`; its return code and output."""
     process.wait(timeout=300)
     return process.returncode, process.log.read_text()

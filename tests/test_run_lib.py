@@ -1,14 +1,13 @@
 """End-to-end training and evaluation through main.py and run_lib on the built-in dataset."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from ml_collections import config_flags  # noqa: F401  (the CLI parses configs with it)
+from script_runner import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "builtin" / "subvp_ddpmpp_small.py"
@@ -20,10 +19,9 @@ TINY = ["--config.model.nf", "8", "--config.model.num_scales", "4", "--config.da
 
 def _main(workdir, *extra, mode="train", check=True, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "main.py"), "--config", str(CONFIG), "--mode", mode,
+    cmd = [str(ROOT / "main.py"), "--config", str(CONFIG), "--mode", mode,
            "--workdir", str(workdir), "--progress=false", *TINY, *extra]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = run_python(cmd, cwd=ROOT, env=env, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"main.py failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

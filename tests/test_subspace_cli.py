@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from script_runner import run_python
 
 import losses
 from configs.builtin import ve_ncsnpp_small
@@ -43,11 +43,11 @@ def checkpoints(tmp_path_factory) -> dict[int, Path]:
 
 
 def run_cli(*args: str, script: str = "subspace_sample.py") -> subprocess.CompletedProcess:
-    command = [sys.executable, script, "--config", CONFIG,
+    command = [script, "--config", CONFIG,
                "--config.model.num_scales", "6", "--progress=false", *args]
     # One intra-op thread: tiny networks, and the machine running the tests is shared.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return run_python(command, cwd=ROOT, timeout=600, env=env)
 
 
 def test_two_level_sampling_saves_resumes_and_reports(checkpoints, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from script_runner import run_python
 from test_subspace_closed_form import CHANNELS, SIZE
 from test_subspace_sampling import PLANS, SETUPS, assert_matches_data, make_data
 
@@ -160,15 +161,13 @@ def test_discrete_time_checkpoints_still_check_num_scales(tmp_path):
 
 def test_published_checkpoint_samples_with_other_step_counts(reference_dir, tmp_path):
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     import numpy as np
 
     root = Path(__file__).resolve().parents[1]
     case = reference_dir / "case_ve_ncsnpp"  # trained with N = 1000
-    common = [sys.executable, "subspace_sample.py",
+    common = ["subspace_sample.py",
               "--config", "configs/ve/cifar10_ncsnpp_continuous.py", "--config.model.nf", "16",
               "--config.model.ch_mult", "(1,2,2,2)", "--config.model.num_res_blocks", "1",
               "--ckpt_full", str(case / "checkpoint_full.pth"),
@@ -180,8 +179,8 @@ def test_published_checkpoint_samples_with_other_step_counts(reference_dir, tmp_
             ("pc50", ["--config.model.num_scales", "50", "--config.sampling.corrector", "none"],
              50, 50 + 2),
             ("heun18", ["--sampler", "heun", "--steps", "18"], 17, 2 * 17 + 1 + 2)):
-        result = subprocess.run(common + extra + ["--save_name", name], cwd=root, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = run_python(common + extra + ["--save_name", name], cwd=root, env=env,
+                            timeout=600)
         assert result.returncode == 0, result.stderr
         assert np.load(tmp_path / f"{name}.npy").shape == (2, 32, 32, 3)
         total = next(line.split() for line in result.stdout.splitlines()

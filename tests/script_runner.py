@@ -1,0 +1,206 @@
+"""Run an entry script as `python SCRIPT ARGS` (or `python -m MODULE ARGS`) would, in a process
+forked from a server that has already imported torch (multiprocessing's forkserver, one server
+per test process).
+
+A fresh interpreter spends 3-4 s before a training script's first step on a fast core, most of
+it importing torch and torch._dynamo (which the first optimizer imports); the suite starts
+about thirty entry scripts. Forked from the server, each script still runs as `__main__` in a
+process of its own, with its own imports of this project's modules and of every other library,
+its own flags, working directory, environment, standard streams, exit status (negative for a
+signal) and atexit handlers: only torch and torch._dynamo are already in `sys.modules`.
+
+SUBSPACE_TESTS_FRESH_INTERPRETERS=1 starts a real interpreter for every script instead (slower,
+the same results). Tests that check what a fresh interpreter imports, and the torchrun launches
+(torchrun starts its own workers), always start real interpreters.
+"""
+from __future__ import annotations
+
+import atexit
+import builtins
+import functools
+import importlib.machinery
+import json
+import logging
+import multiprocessing
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import traceback
+import types
+from pathlib import Path
+
+# What the server imports before it forks: the two packages that take most of a start-up and
+# that no script of this project reaches into without importing them itself.
+PRELOAD = ["torch", "torch._dynamo"]
+FRESH_INTERPRETERS_ENV = "SUBSPACE_TESTS_FRESH_INTERPRETERS"
+
+_context = None
+
+
+def _fresh_interpreters() -> bool:
+    return os.environ.get(FRESH_INTERPRETERS_ENV, "") not in ("", "0")
+
+
+def _server_context():
+    """The forkserver context, its server started on first use with PRELOAD imported."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _exit_status(error: SystemExit) -> int:
+    """The exit status the interpreter gives `raise SystemExit(code)`."""
+    if error.code is None:
+        return 0
+    if isinstance(error.code, int):
+        return error.code
+    print(error.code, file=sys.stderr)
+    return 1
+
+
+def _exec_as_main(path: str) -> None:
+    """Run the file `path` as the interpreter runs `python PATH`: a new `__main__` module whose
+    `__file__` is the absolute path, `sys.argv[0]` left as given (runpy.run_path would set it to
+    the path)."""
+    module = types.ModuleType("__main__")
+    module.__dict__.update(__file__=path, __cached__=None, __builtins__=builtins,
+                           __loader__=importlib.machinery.SourceFileLoader("__main__", path))
+    sys.modules["__main__"] = module
+    with open(path, "rb") as handle:
+        code = compile(handle.read(), path, "exec")
+    exec(code, module.__dict__)
+
+
+@functools.cache
+def fresh_search_path(python_path: str | None) -> tuple[str, ...]:
+    """`sys.path` of a fresh interpreter with PYTHONPATH=`python_path`, after its first entry
+    (the script's folder or the working directory)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if python_path is not None:
+        env["PYTHONPATH"] = python_path
+    listed = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"],
+                            cwd="/", env=env, capture_output=True, text=True, check=True)
+    return tuple(json.loads(listed.stdout)[1:])
+
+
+def run_as_main(args: list[str], cwd: str, env: dict[str, str] | None, stdout: str,
+                stderr: str, search_path: tuple[str, ...]) -> None:
+    """In a forked child: become `python *args` started in `cwd` with the environment `env`
+    (None: keep this one), the search path `search_path` after the script's folder
+    (`fresh_search_path`), and the output in the files `stdout` and `stderr` (the same path:
+    one stream); run to the end with the exit handlers it registers, and exit with the
+    interpreter's status. Never returns."""
+    out = os.open(stdout, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    err = out if stderr == stdout else os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    # The exit handlers of the process this child was forked from are not the script's (one
+    # removes that process's temporary folder); logging's is what a fresh interpreter has.
+    atexit._clear()
+    atexit.register(logging.shutdown)
+    os.chdir(cwd)
+    if env is not None:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        os.environ.clear()
+        os.environ.update(env)
+        if env.get("OMP_NUM_THREADS", threads) != threads:  # torch read the server's at import
+            import torch
+
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    status = 0
+    try:
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            sys.path[:] = [os.getcwd(), *search_path]
+            sys.modules.pop(args[1], None)  # a warm copy would not run as __main__
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(args[0])
+            sys.argv = list(args)
+            sys.path[:] = [os.path.dirname(script), *search_path]
+            _exec_as_main(script)
+    except SystemExit as error:
+        status = _exit_status(error)
+    except BaseException:  # noqa: BLE001 - what the interpreter does with an uncaught exception
+        traceback.print_exc()
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+class ScriptProcess:
+    """A started script, like subprocess.Popen: `wait()` returns its exit status (negative:
+    killed by that signal), also kept in `returncode`."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None, stdout: Path,
+                 stderr: Path) -> None:
+        self.args = [sys.executable, *args]
+        self.returncode: int | None = None
+        env = dict(os.environ if env is None else env)
+        if _fresh_interpreters():
+            with open(stdout, "ab") as out, open(stderr, "ab") as err:
+                self._popen = subprocess.Popen(self.args, cwd=cwd, env=env, stdout=out,
+                                               stderr=subprocess.STDOUT
+                                               if stderr == stdout else err)
+            self.pid = self._popen.pid
+            return
+        self._popen = None
+        search_path = fresh_search_path(env.get("PYTHONPATH"))
+        self._process = _server_context().Process(
+            target=run_as_main,
+            args=(list(args), str(cwd), env, str(stdout), str(stderr), search_path))
+        self._process.start()
+        self.pid = self._process.pid
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the script; kill it and raise subprocess.TimeoutExpired after `timeout`."""
+        if self._popen is not None:
+            try:
+                self.returncode = self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._popen.kill()
+                self._popen.wait()
+                raise
+            return self.returncode
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            self._process.kill()
+            self._process.join()
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        self.returncode = self._process.exitcode
+        return self.returncode
+
+
+def start_python(args: list[str], *, cwd: Path, log: Path,
+                 env: dict[str, str] | None = None) -> ScriptProcess:
+    """Start `python *args` in `cwd`, its stdout and stderr together in the file `log`."""
+    Path(log).write_bytes(b"")
+    return ScriptProcess(args, cwd, env, log, log)
+
+
+def run_python(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
+               timeout: float | None = None, check: bool = False,
+               text: bool = True) -> subprocess.CompletedProcess:
+    """`subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+    text=text, timeout=timeout, check=check)`, the script run as the module docstring says."""
+    with tempfile.TemporaryDirectory(prefix="script-runner-") as folder:
+        stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = ScriptProcess(args, cwd, env, stdout, stderr)
+        status = process.wait(timeout)
+        outputs = [path.read_bytes() if path.exists() else b"" for path in (stdout, stderr)]
+    if text:
+        # Universal newlines, as subprocess's text mode.
+        outputs = [data.decode().replace("\r\n", "\n").replace("\r", "\n")
+                   for data in outputs]
+    result = subprocess.CompletedProcess(process.args, status, *outputs)
+    if check:
+        result.check_returncode()
+    return result
