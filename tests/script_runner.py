@@ -17,16 +17,23 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import contextlib
 import functools
 import importlib.machinery
+import io
 import json
 import logging
 import multiprocessing
 import os
 import runpy
+import select
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import types
 from pathlib import Path
@@ -87,17 +94,24 @@ def fresh_search_path(python_path: str | None) -> tuple[str, ...]:
     return tuple(json.loads(listed.stdout)[1:])
 
 
-def run_as_main(args: list[str], cwd: str, env: dict[str, str] | None, stdout: str,
-                stderr: str, search_path: tuple[str, ...]) -> None:
-    """In a forked child: become `python *args` started in `cwd` with the environment `env`
-    (None: keep this one), the search path `search_path` after the script's folder
-    (`fresh_search_path`), and the output in the files `stdout` and `stderr` (the same path:
-    one stream); run to the end with the exit handlers it registers, and exit with the
-    interpreter's status. Never returns."""
-    out = os.open(stdout, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    err = out if stderr == stdout else os.open(stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.dup2(out, 1)
-    os.dup2(err, 2)
+def run_as_main(args: list[str], cwd: str, env: dict[str, str] | None, stdout: str | None,
+                stderr: str | None, search_path: tuple[str, ...]) -> None:
+    """In a forked child: become `python *args` (`-u` may come first) started in `cwd` with the
+    environment `env` (None: keep this one), the search path `search_path` after the script's
+    folder (`fresh_search_path`), and the output in the files `stdout` and `stderr` (the same
+    path: one stream; None: the standard streams as they are); run to the end with the exit
+    handlers it registers, and exit with the interpreter's status. Never returns."""
+    if stdout is not None:
+        out = os.open(stdout, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        err = out if stderr == stdout else os.open(stderr,
+                                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+    if args[0] == "-u":  # unbuffered standard streams
+        args = args[1:]
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
+                                      errors="backslashreplace")
     # The exit handlers of the process this child was forked from are not the script's (one
     # removes that process's temporary folder); logging's is what a fresh interpreter has.
     atexit._clear()
@@ -134,6 +148,102 @@ def run_as_main(args: list[str], cwd: str, env: dict[str, str] | None, stdout: s
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun's workers. torchrun starts each as `$PYTHON_EXEC -u SCRIPT ARGS` (a fresh interpreter
+# by default). With PYTHON_EXEC = tests/relay_python, that command is a relay (this file run by
+# `python -S`, no torch) that hands its arguments, environment, working directory and standard
+# streams to a worker server (forked from the forkserver, torch imported) over a Unix socket.
+# The server forks a handler per relay, which forks the worker, tells the relay its pid,
+# waits for it and sends its exit status. The relay passes on the signals torchrun sends it
+# and ends with the worker's status (by the same signal when the worker was killed); when
+# the relay itself is killed, the handler kills the worker.
+
+RELAY_PYTHON = Path(__file__).resolve().parent / "relay_python"
+WORKER_SOCKET_ENV = "SUBSPACE_TESTS_WORKER_SOCKET"
+_RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                    signal.SIGUSR1, signal.SIGUSR2)
+_worker_server: dict = {}
+
+
+def _handle_relay(connection: socket.socket, search_path: tuple[str, ...]) -> None:
+    """In a handler forked by the worker server: run one relay's worker and report on it."""
+    message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    request = json.loads(message)
+    pid = os.fork()
+    if pid == 0:
+        connection.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        run_as_main(request["args"], request["cwd"], request["env"], None, None, search_path)
+    for fd in fds:
+        os.close(fd)
+    connection.sendall(f"{pid}".encode())
+    worker = os.pidfd_open(pid)
+    while True:
+        ready, _, _ = select.select([worker, connection], [], [])
+        if worker in ready:
+            break
+        if not connection.recv(64):  # the relay is gone: so must its worker be
+            os.kill(pid, signal.SIGKILL)
+            break
+    _, status = os.waitpid(pid, 0)
+    with contextlib.suppress(OSError):
+        connection.sendall(f"{os.waitstatus_to_exitcode(status)}".encode())
+    os._exit(0)
+
+
+def _serve_workers(path: str, search_path: tuple[str, ...]) -> None:
+    """The worker server: one handler (`_handle_relay`) per relay connecting to `path`."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the handlers
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(path)
+        server.listen(8)
+        while True:
+            connection, _ = server.accept()
+            if os.fork() == 0:
+                server.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _handle_relay(connection, search_path)
+            connection.close()
+
+
+def worker_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a torchrun launch whose workers are relayed to the worker server (started on
+    first use); unchanged with SUBSPACE_TESTS_FRESH_INTERPRETERS=1."""
+    if _fresh_interpreters():
+        return env
+    if not _worker_server:
+        folder = tempfile.mkdtemp(prefix="script-runner-")
+        path = os.path.join(folder, "workers.sock")
+        server = _server_context().Process(
+            target=_serve_workers, args=(path, fresh_search_path(env.get("PYTHONPATH"))),
+            daemon=True)
+        server.start()
+        while not os.path.exists(path) and server.is_alive():
+            time.sleep(0.01)
+        _worker_server.update(path=path, process=server)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {**env, "PYTHON_EXEC": str(RELAY_PYTHON), WORKER_SOCKET_ENV: _worker_server["path"],
+            "SUBSPACE_TESTS_PYTHON": sys.executable}
+
+
+def _relay(args: list[str]) -> None:
+    """The relay (see above): `args` are the interpreter arguments torchrun gave."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
+        connection.connect(os.environ[WORKER_SOCKET_ENV])
+        request = {"args": args, "cwd": os.getcwd(), "env": dict(os.environ)}
+        socket.send_fds(connection, [json.dumps(request).encode()], [0, 1, 2])
+        pid = int(connection.recv(64))
+        for number in _RELAYED_SIGNALS:
+            signal.signal(number, lambda number, _: os.kill(pid, number))
+        status = int(connection.recv(64))
+    if status < 0:
+        if -status not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler
+            signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    sys.exit(status)
 
 
 class ScriptProcess:
@@ -204,3 +314,7 @@ def run_python(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
     if check:
         result.check_returncode()
     return result
+
+
+if __name__ == "__main__":
+    _relay(sys.argv[1:])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from script_runner import run_python
+from script_runner import run_python, worker_environment
 
 import datasets
 import distributed
@@ -82,7 +82,7 @@ def _torchrun(mode: str, workdir: Path, root: Path | None, *args: str,
     command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
                f"--config={config_file}", f"--mode={mode}", f"--workdir={workdir}",
                "--progress=false", *flags, *args]
-    result = run_python(command, cwd=ROOT, env=env, timeout=240)
+    result = run_python(command, cwd=ROOT, env=worker_environment(env), timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -346,7 +346,7 @@ def test_two_process_subspace_sample_script_writes_the_one_process_samples(tmp_p
                                         "--nproc_per_node=2"]}
     for name, launcher in launchers.items():
         result = run_python([*launcher, *script, f"--eval_folder={tmp_path / name}"], cwd=ROOT,
-                            env=env, timeout=240)
+                            env=worker_environment(env), timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
     pair, single = (np.load(tmp_path / name / "s.npy") for name in ("pair", "single"))
     assert pair.shape == (5, 32, 32, 3)

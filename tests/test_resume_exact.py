@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from script_runner import start_python
+from script_runner import start_python, worker_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "configs/builtin/subvp_ddpmpp_small.py"
@@ -65,6 +65,7 @@ def _start(workdir: Path, images: Path, kill: str = "", processes: int = 1):
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={processes}", *command]
+        env = worker_environment(env)
     process = start_python(command, cwd=ROOT, log=log, env=env)
     process.log = log
     return process

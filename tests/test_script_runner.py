@@ -5,9 +5,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from script_runner import run_python, start_python
+from script_runner import run_python, start_python, worker_environment
 
 PROBE = '''\
 import atexit, json, os, sys
@@ -38,13 +39,21 @@ def probe(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ok", "status", "message", "raise", "kill"])
-@pytest.mark.parametrize("form", ["script", "module"])
+@pytest.mark.parametrize("form", ["script", "module", "torchrun worker"])
 def test_a_script_runs_as_in_a_fresh_interpreter(probe, form, mode, monkeypatch):
     # Folders put on this process's path (as pytest and imported packages do) stay out.
     monkeypatch.syspath_prepend(str(probe / "not-on-a-fresh-path"))
-    args = ["probe.py", mode] if form == "script" else ["-m", "probe", mode]
+    args = {"script": ["probe.py", mode], "module": ["-m", "probe", mode],
+            "torchrun worker": ["-u", "probe.py", mode]}[form]
     env = {**os.environ, "RUNNER_PROBE": f"{form}-{mode}"}
-    forked = run_python(args, cwd=probe, env=env, timeout=60)
+    if form == "torchrun worker":  # as torchrun starts it: `$PYTHON_EXEC -u SCRIPT ARGS`
+        relayed = worker_environment(env)
+        if "PYTHON_EXEC" not in relayed:
+            pytest.skip("SUBSPACE_TESTS_FRESH_INTERPRETERS is set: torchrun starts interpreters")
+        forked = subprocess.run([relayed["PYTHON_EXEC"], *args], cwd=probe, env=relayed,
+                                capture_output=True, text=True, timeout=60)
+    else:
+        forked = run_python(args, cwd=probe, env=env, timeout=60)
     fresh = subprocess.run([sys.executable, *args], cwd=probe, env=env, capture_output=True,
                            text=True, timeout=60)
     assert forked.returncode == fresh.returncode and forked.stdout == fresh.stdout
@@ -70,3 +79,24 @@ def test_started_script_writes_one_log_and_can_be_killed(probe):
         process.wait(timeout=3)
     assert process.returncode is None
     assert sorted((probe / "sleeper.log").read_text().split()) == ["err", "up"]
+
+
+def test_a_torchrun_worker_gets_the_signals_of_its_relay(probe):
+    """torchrun stops a worker by signalling the process it started (the relay): the worker
+    gets the signal and the relay ends as the worker did."""
+    (probe / "sleeper.py").write_text("import os, sys, time\nprint(os.getpid(), flush=True)\n"
+                                      "time.sleep(60)\n")
+    env = worker_environment(dict(os.environ))
+    if "PYTHON_EXEC" not in env:
+        pytest.skip("SUBSPACE_TESTS_FRESH_INTERPRETERS is set: torchrun starts interpreters")
+    relay = subprocess.Popen([env["PYTHON_EXEC"], "-u", "sleeper.py"], cwd=probe, env=env,
+                             stdout=subprocess.PIPE, text=True)
+    worker = int(relay.stdout.readline())
+    assert worker != relay.pid
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(timeout=30) == -signal.SIGTERM
+    relay.stdout.close()
+    with pytest.raises(ProcessLookupError):  # gone, and reaped by its handler
+        for _ in range(300):
+            os.kill(worker, 0)
+            time.sleep(0.01)
