@@ -11,8 +11,8 @@ minutes, so compare revisions within one invocation, by their ratio. Run nothing
     python bench/bench_test_suite.py HEAD~3 HEAD [--repeats 2] [--workdir DIR] [--keep]
 
 Printed per run: the revision, wall seconds of `bash .ci/run`, pytest's reported seconds (the
-rest is the install and ruff), CPU seconds of every process it started (user + system), the
-share of the two cores that is, the load average at the start, and pytest's summary line.
+rest is the install and ruff), busy CPU seconds of the machine meanwhile (so run nothing else),
+the share of the two cores that is, the load average at the start, and pytest's summary line.
 """
 from __future__ import annotations
 
@@ -42,10 +42,19 @@ def resolve(revision: str) -> str:
     return result.stdout.strip()
 
 
-def children_cpu_seconds() -> float:
-    """User + system seconds of every finished child process so far."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def busy_cpu_seconds() -> float:
+    """CPU seconds the machine has spent busy so far (all CPUs; /proc/stat without idle,
+    iowait and steal), or where there is no /proc/stat, the user + system seconds of the finished
+    children of this process. The machine-wide count also holds processes that outlive their
+    parent's wait, such as the tests' forkserver (tests/script_runner.py) and its children."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+    # cpu user nice system idle iowait irq softirq steal ...
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(commit: str, workdir: Path, keep: bool) -> dict:
@@ -56,10 +65,10 @@ def run_once(commit: str, workdir: Path, keep: bool) -> dict:
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     subprocess.run(["git", "checkout", "--quiet", commit], cwd=clone, check=True)
     load = os.getloadavg()[0]
-    cpu_before, began = children_cpu_seconds(), time.perf_counter()
+    cpu_before, began = busy_cpu_seconds(), time.perf_counter()
     result = subprocess.run(["bash", ".ci/run"], cwd=clone, capture_output=True, text=True)
     wall = time.perf_counter() - began
-    cpu = children_cpu_seconds() - cpu_before
+    cpu = busy_cpu_seconds() - cpu_before
     summary, pytest_seconds = "no pytest summary (see the output above)", float("nan")
     for line in result.stdout.splitlines():
         match = SUMMARY.match(line.strip())
