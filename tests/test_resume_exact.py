@@ -11,6 +11,7 @@ A suffix "@R" kills rank R (default 0) only.
 import io
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -203,7 +204,9 @@ def test_killed_torchrun_pair_resumes_bit_for_bit(tmp_path):
     # the preemption checkpoint after step 6 (resume at 5); torchrun ends the other rank.
     for kill, saved_step in (("step:4@1", 3), ("write:checkpoint.pth:7@0", 5)):
         code, log = _finish(_start(killed, images, kill, processes=2))
-        assert code != 0 and "failed (exitcode: -9)" in log, log[-3000:]
+        # torchrun reports the killed rank (exitcode -9) either as the first failure or, when
+        # the other rank's failed collective ended it first, in its list of failures.
+        assert code != 0 and re.search(r"exitcode\s*:\s*-9\b", log), log[-3000:]
         assert _load(_meta(killed))["step"] == saved_step
     assert list(_meta(killed).parent.glob(".checkpoint.pth.*.tmp")), "the kill hit the write"
     code, log = _finish(_start(killed, images, processes=2))
