@@ -180,15 +180,18 @@ def _handle_relay(connection: socket.socket, search_path: tuple[str, ...]) -> No
     for fd in fds:
         os.close(fd)
     connection.sendall(f"{pid}".encode())
-    worker = os.pidfd_open(pid)
-    while True:
-        ready, _, _ = select.select([worker, connection], [], [])
-        if worker in ready:
-            break
-        if not connection.recv(64):  # the relay is gone: so must its worker be
+    # Readable when the worker ends (Linux 5.3+; elsewhere poll for it every 50 ms).
+    worker = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    status = None
+    while status is None:
+        ready, _, _ = select.select([connection] if worker is None else [worker, connection],
+                                    [], [], 0.05 if worker is None else None)
+        if connection in ready and not connection.recv(64):  # the relay is gone: so is its worker
             os.kill(pid, signal.SIGKILL)
-            break
-    _, status = os.waitpid(pid, 0)
+            ready = [worker]
+        if worker in ready or worker is None:
+            done, status = os.waitpid(pid, 0 if worker in ready else os.WNOHANG)
+            status = status if done else None
     with contextlib.suppress(OSError):
         connection.sendall(f"{os.waitstatus_to_exitcode(status)}".encode())
     os._exit(0)
