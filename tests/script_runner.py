@@ -4,14 +4,16 @@ per test process).
 
 A fresh interpreter spends 3-4 s before a training script's first step on a fast core, most of
 it importing torch and torch._dynamo (which the first optimizer imports); the suite starts
-about thirty entry scripts. Forked from the server, each script still runs as `__main__` in a
-process of its own, with its own imports of this project's modules and of every other library,
-its own flags, working directory, environment, standard streams, exit status (negative for a
-signal) and atexit handlers: only torch and torch._dynamo are already in `sys.modules`.
+about sixty scripts, torchrun agents and workers. Forked from the server, each script still runs
+as `__main__` in a process of its own, with its own imports of this project's modules and of
+every other library, its own flags, working directory, environment, standard streams, exit
+status (negative for a signal) and atexit handlers: only torch and torch._dynamo are already in
+`sys.modules`. torchrun's workers come from the same server through a relay (`worker_environment`
+and the section above it).
 
-SUBSPACE_TESTS_FRESH_INTERPRETERS=1 starts a real interpreter for every script instead (slower,
-the same results). Tests that check what a fresh interpreter imports, and the torchrun launches
-(torchrun starts its own workers), always start real interpreters.
+SUBSPACE_TESTS_FRESH_INTERPRETERS=1 starts a real interpreter for every script and worker instead
+(slower, the same results). The tests that check what a fresh interpreter imports, and the
+notebook kernels, always start real interpreters.
 """
 from __future__ import annotations
 
