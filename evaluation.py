@@ -141,12 +141,17 @@ def symmetric_matrix_sqrt(mat: np.ndarray, eps: float = 1e-10) -> np.ndarray:
     return (vectors * _root_of_spectrum(eigenvalues, eps)) @ vectors.T
 
 
+def _sandwich_eigenvalues(root: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Eigenvalues of the symmetric matrix root sigma root (similar to root^2 sigma)."""
+    product = root @ sigma @ root
+    return np.linalg.eigvalsh((product + product.T) / 2)
+
+
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float = 1e-10) -> float:
     """Tr((sigma1 sigma2)^(1/2)) = Tr((A sigma2 A)^(1/2)) with A = sigma1^(1/2), both roots
     as `symmetric_matrix_sqrt` takes them; the trace of the second needs only its eigenvalues."""
     root1 = symmetric_matrix_sqrt(sigma1, eps)
-    product = root1 @ sigma2 @ root1
-    return float(np.sum(_root_of_spectrum(np.linalg.eigvalsh((product + product.T) / 2), eps)))
+    return float(np.sum(_root_of_spectrum(_sandwich_eigenvalues(root1, sigma2), eps)))
 
 
 def trace_sqrt_product_with_root(sigma1: np.ndarray, root2: np.ndarray) -> float:
@@ -154,8 +159,7 @@ def trace_sqrt_product_with_root(sigma1: np.ndarray, root2: np.ndarray) -> float
     eigenvalues of the symmetric PSD matrix root2 sigma1 root2 (similar to sigma1 sigma2), negative
     rounding errors clipped at 0. Equal to `trace_sqrt_product` to rounding, several times faster
     when sigma2 is fixed (the bootstrap), since only eigenvalues are needed."""
-    product = root2 @ sigma1 @ root2
-    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+    eigenvalues = _sandwich_eigenvalues(root2, sigma1)
     return float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
 
 

@@ -166,7 +166,7 @@ RELAY_PYTHON = Path(__file__).resolve().parent / "relay_python"
 WORKER_SOCKET_ENV = "SUBSPACE_TESTS_WORKER_SOCKET"
 _RELAYED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                     signal.SIGUSR1, signal.SIGUSR2)
-_worker_server: dict = {}
+_worker_socket: list[str] = []  # the worker server's socket, once it runs
 
 
 def _handle_relay(connection: socket.socket, search_path: tuple[str, ...]) -> None:
@@ -182,18 +182,15 @@ def _handle_relay(connection: socket.socket, search_path: tuple[str, ...]) -> No
     for fd in fds:
         os.close(fd)
     connection.sendall(f"{pid}".encode())
-    # Readable when the worker ends (Linux 5.3+; elsewhere poll for it every 50 ms).
-    worker = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
-    status = None
-    while status is None:
-        ready, _, _ = select.select([connection] if worker is None else [worker, connection],
-                                    [], [], 0.05 if worker is None else None)
-        if connection in ready and not connection.recv(64):  # the relay is gone: so is its worker
+    while True:  # every 20 ms: has the worker ended, or its relay gone (then so must it)?
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        ready, _, _ = select.select([connection], [], [], 0.02)
+        if ready and not connection.recv(64):
             os.kill(pid, signal.SIGKILL)
-            ready = [worker]
-        if worker in ready or worker is None:
-            done, status = os.waitpid(pid, 0 if worker in ready else os.WNOHANG)
-            status = status if done else None
+            _, status = os.waitpid(pid, 0)
+            break
     with contextlib.suppress(OSError):
         connection.sendall(f"{os.waitstatus_to_exitcode(status)}".encode())
     os._exit(0)
@@ -219,7 +216,7 @@ def worker_environment(env: dict[str, str]) -> dict[str, str]:
     first use); unchanged with SUBSPACE_TESTS_FRESH_INTERPRETERS=1."""
     if _fresh_interpreters():
         return env
-    if not _worker_server:
+    if not _worker_socket:
         folder = tempfile.mkdtemp(prefix="script-runner-")
         path = os.path.join(folder, "workers.sock")
         server = _server_context().Process(
@@ -228,9 +225,9 @@ def worker_environment(env: dict[str, str]) -> dict[str, str]:
         server.start()
         while not os.path.exists(path) and server.is_alive():
             time.sleep(0.01)
-        _worker_server.update(path=path, process=server)
+        _worker_socket.append(path)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return {**env, "PYTHON_EXEC": str(RELAY_PYTHON), WORKER_SOCKET_ENV: _worker_server["path"],
+    return {**env, "PYTHON_EXEC": str(RELAY_PYTHON), WORKER_SOCKET_ENV: _worker_socket[0],
             "SUBSPACE_TESTS_PYTHON": sys.executable}
 
 
